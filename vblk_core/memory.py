@@ -1,0 +1,115 @@
+"""Shared memory: one memfd mapping registered with the device, and a bounce-buffer pool in it.
+
+NBD's buffers are not in memory the device can see, so data goes through bounce buffers that live
+in the same memfd as the rings.  Guest addresses equal user addresses of this mapping.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+
+from .errors import ConfigError, RequestError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+class SharedRegion:
+    """An anonymous memfd of ``size`` bytes mapped MAP_SHARED into this process.
+
+    ``fd`` is what the device maps; ``view`` a writable memoryview of the whole mapping;
+    ``base_addr`` its address in this process (used as the guest address too).
+    """
+
+    def __init__(self, size: int, name: str = "vblk") -> None:
+        if size <= 0:
+            raise ConfigError(f"shared region size must be positive, not {size}")
+        self.size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        self.base_addr = ctypes.addressof(anchor)
+        del anchor  # keep no export alive: close() must be able to unmap
+        self.view = memoryview(self._mmap)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Clear ``length`` bytes at ``offset``."""
+        self.view[offset:offset + length] = bytes(length)
+
+    def close(self) -> None:
+        """Unmap and close.  Safe to call twice."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a slice is still referenced somewhere; the mapping dies with the process
+        os.close(self.fd)
+        self.fd = -1
+
+
+class BouncePool:
+    """Fixed-size buffers carved from a SharedRegion, handed out LIFO so hot pages stay hot.
+
+    ``acquire`` blocks (without the GIL) until a buffer is free or the timeout passes.
+    """
+
+    def __init__(self, region: SharedRegion, offset: int, count: int, buffer_size: int) -> None:
+        if count < 1 or buffer_size < 512 or buffer_size % 512:
+            raise ConfigError("bounce pool needs >= 1 buffer of a multiple of 512 bytes")
+        if offset + count * buffer_size > region.size:
+            raise ConfigError("bounce pool does not fit in the shared region")
+        self.region = region
+        self.offset = offset
+        self.count = count
+        self.buffer_size = buffer_size
+        self._free = list(range(count - 1, -1, -1))
+        self._cond = threading.Condition(threading.Lock())
+        self.high_water = 0
+
+    def offset_of(self, index: int) -> int:
+        """Offset in the region of buffer ``index``."""
+        return self.offset + index * self.buffer_size
+
+    def addr_of(self, index: int) -> int:
+        """Guest address of buffer ``index``."""
+        return self.region.base_addr + self.offset + index * self.buffer_size
+
+    @property
+    def in_use(self) -> int:
+        return self.count - len(self._free)
+
+    def try_acquire(self) -> int | None:
+        """A free buffer index, or None at once if there is none."""
+        with self._cond:
+            if not self._free:
+                return None
+            index = self._free.pop()
+            used = self.count - len(self._free)
+            if used > self.high_water:
+                self.high_water = used
+            return index
+
+    def acquire(self, timeout: float) -> int:
+        """A free buffer index.  Raises RequestError(EIO) if none frees up within ``timeout``."""
+        with self._cond:
+            if not self._free and not self._cond.wait_for(lambda: self._free, timeout):
+                raise RequestError(f"no bounce buffer became free within {timeout:g}s")
+            index = self._free.pop()
+            used = self.count - len(self._free)
+            if used > self.high_water:
+                self.high_water = used
+            return index
+
+    def release(self, index: int) -> None:
+        with self._cond:
+            self._free.append(index)
+            self._cond.notify()

@@ -1,0 +1,279 @@
+"""Requests in flight and the per-virtqueue machinery of the block device.
+
+A ``BlockRequest`` keeps everything needed to build its descriptor chain again (type, sector,
+where its data lives), outside the rings, so a request can be resubmitted on a new session.
+A ``QueueRunner`` owns one Virtqueue: it publishes requests, kicks the device, and harvests
+completions on a thread that blocks in ``read(call_fd)`` without the GIL.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from typing import Callable
+
+from .errors import DeviceError, RequestError
+from .virtio_blk import (HEADER, HEADER_OFFSET, SEGMENT, SEGMENT_OFFSET, STATUS_OFFSET,
+                         VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, status_error)
+from .virtqueue import Virtqueue
+
+log = logging.getLogger("vblk")
+
+_STATUS_UNSET = 0xFF  # preset so a device that never writes the status cannot fake success
+
+
+class BlockRequest:
+    """One virtio-blk request.  ``done`` is held until the request completes or fails."""
+
+    __slots__ = ("type", "sector", "data_addr", "data_len", "device_writes", "segment",
+                 "size_max", "done", "status", "written", "error", "attempts", "seq",
+                 "queue", "generation")
+
+    def __init__(self, req_type: int, sector: int, data_addr: int = 0, data_len: int = 0,
+                 device_writes: bool = False, segment: tuple[int, int, int] | None = None) -> None:
+        self.type = req_type
+        self.sector = sector
+        self.data_addr = data_addr
+        self.data_len = data_len
+        self.device_writes = device_writes
+        self.segment = segment
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.status = _STATUS_UNSET
+        self.written = 0
+        self.error: Exception | None = None
+        self.attempts = 0
+        self.seq = 0
+        self.queue: QueueRunner | None = None
+        self.generation = -1
+
+    def descriptor_count(self, size_max: int) -> int:
+        """Descriptors this request's chain needs (header, segment, data pieces, status)."""
+        n = 2 + (1 if self.segment else 0)
+        if self.data_len:
+            n += -(-self.data_len // size_max) if size_max else 1
+        return n
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.release()
+
+    def check(self) -> None:
+        """Raise the request's error, judging the status byte and the written length."""
+        if self.error is not None:
+            raise self.error
+        if self.status != VIRTIO_BLK_S_OK:
+            raise status_error(self.status, _describe(self))
+        if self.type == VIRTIO_BLK_T_IN and self.written != self.data_len + 1:
+            raise RequestError(f"{_describe(self)}: short read, the device reported "
+                               f"{max(self.written - 1, 0)} of {self.data_len} bytes", errno.EIO)
+
+
+def _describe(req: BlockRequest) -> str:
+    names = {0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard", 13: "write-zeroes"}
+    what = names.get(req.type, f"request type {req.type}")
+    if req.data_len:
+        return f"{what} of {req.data_len} bytes at sector {req.sector}"
+    return what
+
+
+class QueueStats:
+    """Counters of one virtqueue, read by callers (plain ints: reads need no lock)."""
+
+    __slots__ = ("requests", "bytes", "errors", "max_depth", "depth", "kicks", "calls")
+
+    def __init__(self) -> None:
+        self.requests = self.bytes = self.errors = self.max_depth = 0
+        self.depth = self.kicks = self.calls = 0
+
+    def as_dict(self, index: int) -> dict[str, int]:
+        return {"index": index, "requests": self.requests, "bytes": self.bytes,
+                "errors": self.errors, "max_depth": self.max_depth, "in_flight": self.depth,
+                "kicks": self.kicks, "calls": self.calls}
+
+
+class QueueRunner:
+    """Drives one Virtqueue for the block device.
+
+    ``on_broken(reason, generation)`` is called (from the completion thread) when the device
+    violates the ring protocol; the device then tears the session down.
+    """
+
+    def __init__(self, index: int, vq: Virtqueue, size_max: int,
+                 on_broken: Callable[[str, int], None]) -> None:
+        self.index = index
+        self.vq = vq
+        self.size_max = size_max
+        self.on_broken = on_broken
+        self.lock = threading.Lock()
+        self.space = threading.Condition(self.lock)
+        self._barrier_lock = threading.Lock()
+        self.in_flight: dict[int, BlockRequest] = {}
+        self.stats = QueueStats()
+        self.generation = -1
+        self.kick_fd = -1
+        self.call_fd = -1
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _barrier(self) -> None:
+        # Acquiring a lock is an atomic read-modify-write: a full barrier on x86, which orders
+        # our ring store before the load of the device's event index (virtio's virtio_mb()).
+        self._barrier_lock.acquire()
+        self._barrier_lock.release()
+
+    # --- session lifetime ------------------------------------------------------------------
+
+    def attach(self, generation: int) -> tuple[int, int]:
+        """Fresh eventfds for a new session; returns (call_fd, kick_fd) to hand to the device."""
+        self.generation = generation
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self.call_fd, self.kick_fd
+
+    def start(self) -> None:
+        self._stopping = False
+        self.vq.enable_interrupts()
+        self._thread = threading.Thread(target=self._completion_loop,
+                                        args=(self.generation, self.call_fd),
+                                        name=f"vblk-q{self.index}", daemon=True)
+        self._thread.start()
+
+    def detach(self) -> list[BlockRequest]:
+        """Stop the completion thread, close the eventfds, reset the ring; return what was in
+        flight (not completed), for resubmission or failure.  Caller holds no queue lock."""
+        self._stopping = True
+        if self.call_fd >= 0:
+            os.eventfd_write(self.call_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        with self.lock:
+            survivors = list(self.in_flight.values())
+            self.in_flight.clear()
+            self.stats.depth = 0
+            self.vq.reset()
+            for fd in (self.call_fd, self.kick_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.call_fd = self.kick_fd = -1
+            self.generation = -1
+            self.space.notify_all()
+        return survivors
+
+    # --- submission ------------------------------------------------------------------------
+
+    def try_publish(self, req: BlockRequest, generation: int) -> bool | None:
+        """Publish ``req`` if there is room.  Caller holds ``self.lock``.
+
+        Returns True if published, False if the ring is full, None if the queue belongs to
+        another session generation (the device is reconnecting).  Kicking is left to kick().
+        """
+        if self.generation != generation or self._stopping:
+            return None
+        vq = self.vq
+        if vq.num_free < req.descriptor_count(self.size_max):
+            return False
+        head = vq._free_head
+        slot = vq.req_slot_offset(head)
+        slot_addr = vq.req_addr + head * vq.req_size
+        mem = vq.mem
+        HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)
+        mem[slot + STATUS_OFFSET] = _STATUS_UNSET
+        chain = [(slot_addr + HEADER_OFFSET, HEADER.size, False)]
+        if req.segment is not None:
+            SEGMENT.pack_into(mem, slot + SEGMENT_OFFSET, *req.segment)
+            chain.append((slot_addr + SEGMENT_OFFSET, SEGMENT.size, False))
+        if req.data_len:
+            size_max = self.size_max
+            if not size_max or req.data_len <= size_max:
+                chain.append((req.data_addr, req.data_len, req.device_writes))
+            else:
+                for off in range(0, req.data_len, size_max):
+                    chain.append((req.data_addr + off, min(size_max, req.data_len - off),
+                                  req.device_writes))
+        chain.append((slot_addr + STATUS_OFFSET, 1, True))
+        head = vq.add_chain(chain)
+        self.in_flight[head] = req
+        req.queue = self
+        req.generation = generation
+        stats = self.stats
+        stats.depth += 1
+        if stats.depth > stats.max_depth:
+            stats.max_depth = stats.depth
+        return True
+
+    def kick_if_needed(self) -> None:
+        """Notify the device if it asked for it.  Caller holds ``self.lock``."""
+        self._barrier()
+        if self.vq.needs_kick():
+            self.stats.kicks += 1
+            try:
+                os.eventfd_write(self.kick_fd, 1)
+            except OSError:
+                pass  # session being torn down: the requests will be resubmitted or failed
+
+    # --- completion ------------------------------------------------------------------------
+
+    def _completion_loop(self, generation: int, call_fd: int) -> None:
+        # The back-end may set O_NONBLOCK on the shared eventfd: wait in poll() (GIL released).
+        poller = select.poll()
+        poller.register(call_fd, select.POLLIN)
+        while True:
+            try:
+                poller.poll()
+                os.eventfd_read(call_fd)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if self._stopping or self.generation != generation:
+                return
+            self.stats.calls += 1
+            broken = self.reap()
+            if broken:
+                self.on_broken(broken, generation)
+                return
+
+    def reap(self) -> str | None:
+        """Harvest completions and wake their waiters.  Returns a reason if the device broke
+        the ring protocol (the session must then be torn down), else None."""
+        finished: list[BlockRequest] = []
+        broken = None
+        with self.lock:
+            vq, in_flight, mem = self.vq, self.in_flight, self.vq.mem
+            while True:
+                try:
+                    entries = vq.harvest()
+                except DeviceError as e:
+                    entries = e.completed
+                    broken = f"queue {self.index}: {e}"
+                for head, written in entries:
+                    req = in_flight.pop(head)
+                    req.status = mem[vq.req_slot_offset(head) + STATUS_OFFSET]
+                    req.written = written
+                    finished.append(req)
+                if broken:
+                    break
+                vq.enable_interrupts()
+                self._barrier()
+                if not vq.has_used():
+                    break
+            if finished:
+                stats = self.stats
+                stats.depth -= len(finished)
+                stats.requests += len(finished)
+                for req in finished:
+                    if req.status != VIRTIO_BLK_S_OK or (
+                            req.type == VIRTIO_BLK_T_IN and req.written != req.data_len + 1):
+                        stats.errors += 1
+                    elif req.type != VIRTIO_BLK_T_GET_ID:
+                        stats.bytes += req.data_len
+                self.space.notify_all()
+        for req in finished:
+            req.done.release()
+        if broken:
+            log.error("vblk: device broke the ring protocol: %s", broken)
+        return broken

@@ -1,0 +1,295 @@
+"""vhost-user front-end transport (qemu docs/interop/vhost-user.rst) over a unix socket.
+
+A ``VhostUserSession`` is one control connection with an explicit state:
+
+    CONNECTING --handshake()/vring setup--> READY --close() or any error--> CLOSED
+
+Every read from the back-end has a timeout (a busy back-end answers nobody else), every reply is
+checked (request code, flags, size), and every failure raises a TransportError subclass that
+says what failed.  Once CLOSED a session is never reused: make a new one.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from .errors import ConnectError, ControlTimeout, ProtocolError, TransportError
+from .virtio_blk import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
+
+
+class Request(enum.IntEnum):
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    SET_MEM_TABLE = 5
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+
+
+PROTOCOL_F_MQ = 0
+PROTOCOL_F_REPLY_ACK = 3
+PROTOCOL_F_CONFIG = 9
+WANTED_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (1 << PROTOCOL_F_CONFIG)
+
+FLAG_VERSION = 0x1
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+VRING_NOFD = 0x100
+
+HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")
+VRING_ADDR = struct.Struct("<IIQQQQ")
+MEM_REGION = struct.Struct("<QQQQ")
+CONFIG_HEADER = struct.Struct("<III")
+MAX_PAYLOAD = 4096 + CONFIG_HEADER.size
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One SET_MEM_TABLE entry: guest address, size, our user address, offset in ``fd``."""
+    guest_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """What the back-end offered and what was agreed."""
+    offered_features: int
+    features: int
+    protocol_features: int
+    num_queues: int
+    config: bytes
+
+
+class VhostUserSession:
+    """One vhost-user control connection.  Methods are serialized by an internal lock."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        """Connect to the back-end's unix socket.
+
+        Raises ConnectError naming the path if it does not exist or nobody listens.
+        """
+        self.path = path
+        self.timeout = timeout
+        self.state = SessionState.CONNECTING
+        self.protocol_features = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except FileNotFoundError:
+            self._sock.close()
+            self.state = SessionState.CLOSED
+            raise ConnectError(f"vhost-user socket {path} does not exist: start the back-end "
+                               "(e.g. qemu-storage-daemon --export type=vhost-user-blk,...) "
+                               "or fix socket=", errno.ENOENT) from None
+        except OSError as e:
+            self._sock.close()
+            self.state = SessionState.CLOSED
+            raise ConnectError(f"cannot connect to vhost-user socket {path}: {e.strerror or e}",
+                               e.errno or errno.EIO) from None
+
+    # --- framing -------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _fail(self, exc: TransportError) -> TransportError:
+        self.close()
+        return exc
+
+    def _send(self, request: Request, payload: bytes = b"", fds: list[int] | None = None,
+              need_reply: bool = False) -> None:
+        if self.state is SessionState.CLOSED:
+            raise TransportError(f"vhost-user session to {self.path} is closed")
+        flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
+        data = HEADER.pack(request, flags, len(payload)) + payload
+        try:
+            if fds:
+                sent = socket.send_fds(self._sock, [data], fds)
+            else:
+                sent = self._sock.send(data)
+            if sent != len(data):
+                self._sock.sendall(data[sent:])
+        except socket.timeout:
+            raise self._fail(ControlTimeout(
+                f"vhost-user back-end at {self.path} did not accept {request.name} within "
+                f"{self.timeout:g}s")) from None
+        except OSError as e:
+            raise self._fail(TransportError(
+                f"sending {request.name} to {self.path} failed: {e.strerror or e}")) from None
+
+    def _recv_exact(self, n: int, request: Request) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self._sock.recv(n - len(buf))
+            except socket.timeout:
+                raise self._fail(ControlTimeout(
+                    f"vhost-user back-end at {self.path} did not answer {request.name} within "
+                    f"{self.timeout:g}s (is another front-end connected to it?)")) from None
+            except OSError as e:
+                raise self._fail(TransportError(
+                    f"reading the reply to {request.name} from {self.path} failed: "
+                    f"{e.strerror or e}")) from None
+            if not chunk:
+                raise self._fail(TransportError(
+                    f"vhost-user back-end at {self.path} closed the connection while we waited "
+                    f"for the reply to {request.name}"))
+            buf += chunk
+        return bytes(buf)
+
+    def _recv_reply(self, request: Request) -> bytes:
+        code, flags, size = HEADER.unpack(self._recv_exact(HEADER.size, request))
+        if code != request:
+            raise self._fail(ProtocolError(
+                f"back-end answered {request.name} with a reply to request {code}"))
+        if flags & ~0x7 or not flags & FLAG_REPLY or flags & 0x3 != FLAG_VERSION:
+            raise self._fail(ProtocolError(f"back-end reply to {request.name} has flags {flags:#x}"))
+        if size > MAX_PAYLOAD:
+            raise self._fail(ProtocolError(
+                f"back-end reply to {request.name} claims a {size}-byte payload"))
+        return self._recv_exact(size, request) if size else b""
+
+    def _call_u64(self, request: Request) -> int:
+        with self._lock:
+            self._send(request)
+            payload = self._recv_reply(request)
+        if len(payload) != U64.size:
+            raise self._fail(ProtocolError(
+                f"back-end reply to {request.name} is {len(payload)} bytes, expected 8"))
+        return U64.unpack(payload)[0]
+
+    def _command(self, request: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        """Send a message that has no reply of its own; wait for an ack if REPLY_ACK is on."""
+        ack = bool(self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1)
+        with self._lock:
+            self._send(request, payload, fds, need_reply=ack)
+            if not ack:
+                return
+            reply = self._recv_reply(request)
+        if len(reply) != U64.size:
+            raise self._fail(ProtocolError(
+                f"back-end ack for {request.name} is {len(reply)} bytes, expected 8"))
+        if U64.unpack(reply)[0] != 0:
+            raise self._fail(TransportError(f"back-end refused {request.name}"))
+
+    # --- the handshake ---------------------------------------------------------------------
+
+    def handshake(self, wanted_features: int, config_size: int) -> HandshakeResult:
+        """SET_OWNER, feature and protocol-feature negotiation, queue count, config space.
+
+        Raises ConnectError if the back-end lacks VERSION_1, PROTOCOL_FEATURES or the CONFIG
+        protocol feature, ProtocolError on malformed replies, ControlTimeout if it is silent.
+        """
+        self._command(Request.SET_OWNER)
+        offered = self._call_u64(Request.GET_FEATURES)
+        if not offered >> VIRTIO_F_VERSION_1 & 1:
+            raise self._fail(ConnectError(
+                f"back-end at {self.path} does not offer VIRTIO_F_VERSION_1 (features "
+                f"{offered:#x}): legacy virtio devices are not supported"))
+        if not offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            raise self._fail(ConnectError(
+                f"back-end at {self.path} does not offer VHOST_USER_F_PROTOCOL_FEATURES: "
+                "cannot read its config space"))
+        proto_offered = self._call_u64(Request.GET_PROTOCOL_FEATURES)
+        if not proto_offered >> PROTOCOL_F_CONFIG & 1:
+            raise self._fail(ConnectError(
+                f"back-end at {self.path} lacks the CONFIG protocol feature: capacity unknown"))
+        proto = proto_offered & WANTED_PROTOCOL_FEATURES
+        self._command(Request.SET_PROTOCOL_FEATURES, U64.pack(proto))
+        self.protocol_features = proto
+        num_queues = 1
+        if proto >> PROTOCOL_F_MQ & 1:
+            num_queues = self._call_u64(Request.GET_QUEUE_NUM)
+            if not 1 <= num_queues <= 65535:
+                raise self._fail(ProtocolError(f"back-end reports {num_queues} queues"))
+        config = self.get_config(0, config_size)
+        features = offered & wanted_features
+        self._command(Request.SET_FEATURES, U64.pack(features))
+        return HandshakeResult(offered, features, proto, num_queues, config)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of device config at ``offset``.  A back-end that answers with an
+        empty payload (size not supported) gets a ProtocolError naming the size."""
+        with self._lock:
+            self._send(Request.GET_CONFIG, CONFIG_HEADER.pack(offset, size, 0) + bytes(size))
+            reply = self._recv_reply(Request.GET_CONFIG)
+        if len(reply) < CONFIG_HEADER.size:
+            raise self._fail(ProtocolError(
+                f"back-end answered GET_CONFIG({size} bytes) with a {len(reply)}-byte payload"))
+        r_off, r_size, _flags = CONFIG_HEADER.unpack_from(reply)
+        data = reply[CONFIG_HEADER.size:]
+        if r_off != offset or r_size != len(data) or r_size > size or r_size < 8:
+            raise self._fail(ProtocolError(
+                f"back-end GET_CONFIG reply is malformed (offset {r_off}, size {r_size}, "
+                f"{len(data)} data bytes, asked {size})"))
+        return data
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        self._command(Request.SET_CONFIG, CONFIG_HEADER.pack(offset, len(data), 0) + data)
+
+    def set_mem_table(self, regions: list[MemoryRegion]) -> None:
+        payload = VRING_STATE.pack(len(regions), 0) + b"".join(
+            MEM_REGION.pack(r.guest_addr, r.size, r.user_addr, r.mmap_offset) for r in regions)
+        self._command(Request.SET_MEM_TABLE, payload, [r.fd for r in regions])
+
+    def setup_vring(self, index: int, size: int, desc_addr: int, used_addr: int,
+                    avail_addr: int, call_fd: int, kick_fd: int) -> None:
+        """SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE for queue ``index`` (ring starts at 0)."""
+        self._command(Request.SET_VRING_NUM, VRING_STATE.pack(index, size))
+        self._command(Request.SET_VRING_BASE, VRING_STATE.pack(index, 0))
+        self._command(Request.SET_VRING_ADDR,
+                      VRING_ADDR.pack(index, 0, desc_addr, used_addr, avail_addr, 0))
+        self._command(Request.SET_VRING_CALL, U64.pack(index), [call_fd])
+        self._command(Request.SET_VRING_KICK, U64.pack(index), [kick_fd])
+        self._command(Request.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
+
+    def mark_ready(self) -> None:
+        if self.state is SessionState.CONNECTING:
+            self.state = SessionState.READY
+
+    def peer_closed(self) -> bool:
+        """True if the back-end closed the connection or sent something unsolicited."""
+        try:
+            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return True  # EOF (b"") or an unsolicited message: either way the session is over
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self.state is not SessionState.CLOSED:
+            self.state = SessionState.CLOSED
+            try:
+                self._sock.close()
+            except OSError:
+                pass
