@@ -1,0 +1,241 @@
+# vblk: an nbdkit plugin whose storage is a virtio-blk device behind vhost-user.
+#
+# Serve an image (a private qemu-storage-daemon is started and stopped with nbdkit):
+#
+#   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py image=disk.img
+#
+# Or attach to a running vhost-user-blk back-end (qemu-storage-daemon, SPDK, ...):
+#
+#   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py socket=/tmp/vhost.sock num-queues=4
+#
+# Then e.g.:  nbdinfo 'nbd+unix:///?socket=/tmp/vblk.sock'
+# `nbdkit python plugin/plugin.py --help` lists the keys; README.md explains them.
+#
+# Every callback delegates to vblk_core; this file only adapts nbdkit's calling conventions.
+# One device session per nbdkit process is shared by every NBD connection.
+
+import builtins
+import errno
+import json
+import logging
+import os
+import sys
+import threading
+
+import nbdkit
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vblk_core import BlockDevice, VblkError  # noqa: E402
+from vblk_core.plugin_config import KEYS, PluginConfig  # noqa: E402
+from vblk_core.qsd import ManagedDaemon  # noqa: E402
+
+API_VERSION = 2
+MAX_REQUEST = 64 * 1024 * 1024  # nbdkit's own limit on one NBD request
+
+cfg = PluginConfig()
+device = None
+daemon = None
+stats_thread = None
+stats_stop = threading.Event()
+
+
+class _NbdkitLogHandler(logging.Handler):
+    def emit(self, record):
+        msg = self.format(record)
+        if record.levelno >= logging.WARNING:
+            print(f"nbdkit: python[vblk]: {msg}", file=sys.stderr, flush=True)
+        else:
+            nbdkit.debug(msg)
+
+
+_log = logging.getLogger("vblk")
+_log.addHandler(_NbdkitLogHandler())
+_log.setLevel(logging.INFO)
+_log.propagate = False
+
+
+def _fail(e):
+    """Pass a vblk_core error to the client with its errno, then re-raise it."""
+    nbdkit.set_error(getattr(e, "errno", errno.EIO) or errno.EIO)
+    raise e
+
+
+def config_help():
+    return "\n".join(f"{k}=  {v}" for k, v in KEYS.items())
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    try:
+        cfg.set(key, value)
+    except VblkError as e:
+        raise RuntimeError(str(e)) from None
+
+
+def config_complete():
+    try:
+        cfg.complete()
+    except VblkError as e:
+        raise RuntimeError(str(e)) from None
+
+
+def after_fork():
+    # nbdkit forks (when it daemonizes) after get_ready: threads, the device session and the
+    # managed daemon must all belong to the final process.
+    global device, daemon, stats_thread
+    try:
+        socket_path = cfg.socket
+        if cfg.image:
+            daemon = ManagedDaemon(cfg.image, cfg.format, cfg.num_queues or 4, cfg.aio)
+            daemon.start()
+            socket_path = daemon.socket
+        device = BlockDevice(socket_path, num_queues=cfg.num_queues, queue_size=cfg.queue_size,
+                             bounce_buffers=cfg.bounce_buffers,
+                             request_timeout=cfg.request_timeout,
+                             reconnect_timeout=cfg.reconnect_timeout)
+    except VblkError as e:
+        _stop_daemon()
+        key = "image" if cfg.image else "socket"
+        raise RuntimeError(f"{key}: {e}") from None
+    nbdkit.debug(f"vblk: {device.num_queues} of {device.device_queues} queues, "
+                 f"queue size {device.queue_size}, capacity {device.capacity}")
+    if cfg.stats:
+        stats_thread = threading.Thread(target=_stats_loop, name="vblk-stats", daemon=True)
+        stats_thread.start()
+
+
+def _write_stats():
+    if device is None or not cfg.stats:
+        return
+    tmp = cfg.stats + ".tmp"
+    with builtins.open(tmp, "w") as f:
+        json.dump(device.stats(), f, indent=1)
+    os.replace(tmp, cfg.stats)
+
+
+def _stats_loop():
+    while not stats_stop.wait(1.0):
+        try:
+            _write_stats()
+        except OSError as e:
+            _log.warning("vblk: cannot write stats=%s: %s", cfg.stats, e)
+
+
+def _stop_daemon():
+    global daemon
+    if daemon is not None:
+        daemon.stop()
+        daemon = None
+
+
+def cleanup():
+    global device
+    stats_stop.set()
+    if device is not None:
+        try:
+            _write_stats()
+        except OSError as e:
+            _log.warning("vblk: cannot write stats=%s: %s", cfg.stats, e)
+        device.close()
+        device = None
+    _stop_daemon()
+
+
+def open(readonly):
+    if device is None:
+        nbdkit.set_error(errno.EIO)
+        raise RuntimeError("vblk: the device is not connected")
+    return {"readonly": readonly}
+
+
+def close(h):
+    pass
+
+
+def get_size(h):
+    return device.capacity
+
+
+def block_size(h):
+    bs = device.block_size
+    return (bs, max(device.optimal_io_size, 4096), MAX_REQUEST)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True  # one device session shared by every connection: a flush covers them all
+
+
+def can_write(h):
+    return not device.read_only
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_trim(h):
+    return device.can_discard
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return device.can_write_zeroes
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset, flags):
+    try:
+        device.pread(buf, offset)
+    except VblkError as e:
+        _fail(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        device.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except VblkError as e:
+        _fail(e)
+
+
+def flush(h, flags):
+    try:
+        device.flush()
+    except VblkError as e:
+        _fail(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        device.discard(offset, count)
+        if flags & nbdkit.FLAG_FUA:
+            device.flush()
+    except VblkError as e:
+        _fail(e)
+
+
+def zero(h, count, offset, flags):
+    try:
+        device.write_zeroes(offset, count, unmap=bool(flags & nbdkit.FLAG_MAY_TRIM),
+                            fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
+        if flags & nbdkit.FLAG_FUA:
+            device.flush()
+    except VblkError as e:
+        _fail(e)

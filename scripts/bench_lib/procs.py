@@ -1,0 +1,149 @@
+"""Child processes that never outlive the harness, and /proc readings of their cost.
+
+Every process the harness starts goes through spawn(): it is recorded, gets PR_SET_PDEATHSIG so
+the kernel kills it if the harness dies without cleaning up, and runs in its own session so a
+terminal Ctrl-C reaches only the harness (which then stops its children in order, by PID).
+stop_all() runs from atexit and on SIGTERM/SIGHUP.
+"""
+
+import atexit
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+_children = []  # Popen objects started by this process and not yet reaped
+_PR_SET_PDEATHSIG = 1
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover
+    _libc = None
+
+
+def _child_setup():
+    # Runs in the child between fork and exec: die with the parent.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(argv, log_path=None, env=None, cwd=None):
+    """Start argv with stdout+stderr to log_path (or DEVNULL); return the Popen."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                             env=env, cwd=cwd, start_new_session=True,
+                             preexec_fn=_child_setup)
+    finally:
+        if log_path:
+            out.close()
+    _children.append(p)
+    return p
+
+
+def stop(p, sig=signal.SIGTERM, timeout=10.0):
+    """Signal one child we started (by PID), wait, SIGKILL it after timeout. Returns seconds."""
+    t0 = time.monotonic()
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in _children:
+        _children.remove(p)
+    return time.monotonic() - t0
+
+
+def stop_all():
+    # Newest first: a front-end (nbdkit) goes before its back-end (qemu-storage-daemon).
+    for p in list(reversed(_children)):
+        stop(p, timeout=5.0)
+
+
+def _on_signal(signum, frame):
+    # Turn the signal into SystemExit so finally blocks and atexit run.
+    raise SystemExit(128 + signum)
+
+
+def install_cleanup():
+    atexit.register(stop_all)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+
+def log_tail(path, lines=15):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()[-8192:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+# ---- /proc readings -------------------------------------------------------------------------
+
+def cpu_ticks(pid):
+    """utime+stime of the whole process (all threads), in clock ticks; None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime is field 14, stime field 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def num_threads(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return None
+    return int(s[s.rindex(")") + 2:].split()[17])
+
+
+def status_kib(pid, key):
+    """A kB field (VmHWM, VmRSS, ...) of /proc/PID/status, in KiB; None if unavailable."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_kib(pid):
+    """Current RSS in KiB via psutil when present, else /proc/PID/statm."""
+    try:
+        import psutil
+        return psutil.Process(pid).memory_info().rss // 1024
+    except ImportError:
+        pass
+    except Exception:
+        return None
+    try:
+        with open("/proc/%d/statm" % pid) as f:
+            return int(f.read().split()[1]) * PAGE_KIB
+    except OSError:
+        return None
+
+
+def alive(p):
+    return p.poll() is None
+
+
+def eprint(*a):
+    print(*a, file=sys.stderr, flush=True)

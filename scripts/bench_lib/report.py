@@ -1,0 +1,279 @@
+"""Aggregate per-run results into medians / min-max, and write markdown, PNG and JSON."""
+
+import json
+import os
+import statistics
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def aggregate(runs, servers, workloads):
+    """summary[server][workload] = dict of medians and ranges over the successful rounds."""
+    summary = {}
+    for s in servers:
+        summary[s] = {}
+        for w in workloads:
+            ok = [r for r in runs if r["server"] == s and r["workload"] == w.name and r["ok"]]
+            failed = [r for r in runs if r["server"] == s and r["workload"] == w.name
+                      and not r["ok"]]
+            if not ok:
+                summary[s][w.name] = {"n": 0, "failed": len(failed)}
+                continue
+            vals = [r["value"] for r in ok]
+            roles = sorted({role for r in ok for role in r["cpu"]})
+            cpu = {role: _med([r["cpu"][role].get("us_per_req") for r in ok if role in r["cpu"]])
+                   for role in roles}
+            util = {role: _med([r["cpu"][role].get("cpu_util") for r in ok if role in r["cpu"]])
+                    for role in roles}
+            hwm = {role: max([r["rss_kib"][role]["vmhwm"] or 0 for r in ok]) for role in roles}
+            sampled = {role: max([r["rss_kib"][role]["sampled_peak"] or 0 for r in ok])
+                       for role in roles}
+            summary[s][w.name] = {
+                "n": len(ok), "failed": len(failed), "unit": w.unit,
+                "median": _med(vals), "min": min(vals), "max": max(vals), "values": vals,
+                "iops_median": _med([r["iops"] for r in ok]),
+                "mbps_median": _med([r["mbps"] for r in ok]),
+                "lat_p50_us_median": _med([_lat(r, "clat_p50_us") for r in ok]),
+                "lat_p99_us_median": _med([_lat(r, "clat_p99_us") for r in ok]),
+                "cpu_us_per_req": cpu, "cpu_util": util,
+                "vmhwm_kib_max": hwm, "sampled_rss_kib_max": sampled,
+            }
+    return summary
+
+
+def _lat(r, key):
+    vals = [r["fio"][d][key] for d in ("read", "write") if d in r["fio"]]
+    return max(vals) if vals else None
+
+
+def best_floor(summary, workloads):
+    """Per workload: (server name, median) of the better floor plugin thread model."""
+    out = {}
+    for w in workloads:
+        cands = [(summary[s][w.name]["median"], s) for s in summary
+                 if s.startswith("floor-") and summary[s][w.name].get("median")]
+        out[w.name] = (max(cands)[1], max(cands)[0]) if cands else (None, None)
+    return out
+
+
+# ---- formatting ----------------------------------------------------------------------------
+
+def fmt_val(v, unit):
+    if v is None:
+        return "–"
+    if unit == "IOPS":
+        return "%.1fk" % (v / 1000) if v >= 1000 else "%.0f" % v
+    return "%.0f" % v if v >= 100 else "%.1f" % v
+
+
+def fmt_range(e):
+    if not e.get("n"):
+        return "failed" if e.get("failed") else "–"
+    u = e["unit"]
+    if e["n"] == 1:
+        return fmt_val(e["median"], u)
+    return "%s (%s–%s)" % (fmt_val(e["median"], u), fmt_val(e["min"], u), fmt_val(e["max"], u))
+
+
+def _gist(text):
+    """First line of an error, plus its last non-empty line (e.g. the Python exception)."""
+    lines = [l.strip() for l in (text or "?").splitlines() if l.strip()]
+    if len(lines) > 1:
+        return "%s … `%s`" % (lines[0], lines[-1])
+    return lines[0] if lines else "?"
+
+
+def _ratio(a, b):
+    return "%.2f×" % (a / b) if a and b else "–"
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown(meta, summary, servers, workloads, skipped, runs):
+    heads = ["server"] + ["%s (%s)" % (w.label, w.unit) for w in workloads]
+    floor = best_floor(summary, workloads)
+    has_floor = any(v[1] for v in floor.values())
+    has_qsd = "qsd-nbd" in summary and any(summary["qsd-nbd"][w.name].get("median")
+                                           for w in workloads)
+    lines = ["# vblk benchmark %s%s" % (meta["timestamp"], " (quick)" if meta["quick"] else ""),
+             ""]
+    lines += ["- command: `%s`" % meta["command"],
+              "- date: %s; host: %s, %s CPUs (%s), kernel %s"
+              % (meta["date"], meta["hostname"], meta["ncpu"], meta["cpu_model"], meta["kernel"]),
+              "- git: %s" % meta["git"],
+              "- tools: %s" % "; ".join("%s" % v for v in meta["versions"].values()),
+              "- image: %s, %d MiB of random data, in page cache"
+              % (meta["image"], meta["image_size"] >> 20),
+              "- fio nbd engine, %s s runtime + %s s ramp per run (time_based), %d round(s), "
+              "servers run round robin, a fresh server per run; median (min–max) over rounds"
+              % (meta["runtime"], meta["ramp"], meta["rounds"]),
+              "- total wall time: %.0f s" % meta.get("elapsed_s", 0), ""]
+    if skipped:
+        lines += ["**Skipped / failed servers:**", ""]
+        lines += ["- `%s`: %s" % (s, _gist(why)) for s, why in skipped.items()]
+        lines.append("")
+    if meta["quick"]:
+        lines += ["_Quick run: a smoke test of the harness, not a measurement._", ""]
+
+    rows = []
+    for s in servers:
+        rows.append(["`%s`" % s] + [fmt_range(summary[s][w.name]) for w in workloads])
+    if has_floor:
+        rows.append(["**floor** (best model)"] + [
+            "%s (%s)" % (fmt_val(floor[w.name][1], w.unit), floor[w.name][0].split("-", 1)[1])
+            if floor[w.name][0] else "–" for w in workloads])
+    lines += ["## Throughput", "", "Median (min–max) over rounds; IOPS for 4 KiB, MB/s "
+              "(10^6 bytes/s) for 1 MiB.", "", _table(heads, rows), ""]
+
+    for title, ref in (("vs the Python floor (best of the two thread models)", "floor"),
+                       ("vs qemu-storage-daemon's NBD export", "qsd-nbd")):
+        if ref == "floor" and not has_floor or ref == "qsd-nbd" and not has_qsd:
+            continue
+        rows = []
+        for s in servers:
+            cells = []
+            for w in workloads:
+                base = floor[w.name][1] if ref == "floor" else summary["qsd-nbd"][w.name].get(
+                    "median")
+                cells.append(_ratio(summary[s][w.name].get("median"), base))
+            rows.append(["`%s`" % s] + cells)
+        lines += ["## Ratio of medians " + title, "", _table(heads, rows), ""]
+
+    rows = []
+    for s in servers:
+        cells = []
+        for w in workloads:
+            e = summary[s][w.name]
+            main = "qsd" if s.startswith("qsd-") else "nbdkit"
+            v = (e.get("cpu_us_per_req") or {}).get(main)
+            cells.append("%.1f" % v if v is not None else "–")
+        rows.append(["`%s`" % s] + cells)
+    lines += ["## Server CPU per request (µs, median)", "",
+              "utime+stime of the NBD server process (nbdkit; qemu-storage-daemon for `qsd-*`) "
+              "over the steady-state window, divided by requests completed. For vblk the "
+              "qemu-storage-daemon behind it is in the next table.", "",
+              _table(["server"] + [w.label for w in workloads], rows), ""]
+    vblk = [s for s in servers if s.startswith("vblk-")]
+    if vblk:
+        rows = []
+        for s in vblk:
+            cells = []
+            for w in workloads:
+                c = summary[s][w.name].get("cpu_us_per_req") or {}
+                if c.get("qsd") is None:
+                    cells.append("–")
+                else:
+                    cells.append("%.1f (total %.1f)" % (c["qsd"], c["qsd"] + (c.get("nbdkit")
+                                                                             or 0)))
+            rows.append(["`%s`" % s] + cells)
+        lines += ["## vhost-user-blk back-end (qemu-storage-daemon) CPU per request (µs, median)",
+                  "", _table(["server"] + [w.label for w in workloads], rows), ""]
+
+    rows = []
+    for s in servers:
+        cells = []
+        for w in workloads:
+            e = summary[s][w.name]
+            main = "qsd" if s.startswith("qsd-") else "nbdkit"
+            h = (e.get("vmhwm_kib_max") or {}).get(main)
+            p = (e.get("sampled_rss_kib_max") or {}).get(main)
+            cells.append("%.0f (%.0f)" % (h / 1024, (p or 0) / 1024) if h else "–")
+        rows.append(["`%s`" % s] + cells)
+    lines += ["## Peak RSS of the NBD server process (MiB)", "",
+              "VmHWM at the end of the run (psutil-sampled peak in parentheses), max over rounds."
+              " nbdkit's RSS includes the image pages it touched only for `memory`.", "",
+              _table(["server"] + [w.label for w in workloads], rows), ""]
+
+    rows = []
+    for s in servers:
+        cells = []
+        for w in workloads:
+            e = summary[s][w.name]
+            cells.append("%.0f / %.0f" % (e["lat_p50_us_median"], e["lat_p99_us_median"])
+                         if e.get("n") else "–")
+        rows.append(["`%s`" % s] + cells)
+    lines += ["## fio completion latency p50 / p99 (µs, median over rounds)", "",
+              _table(["server"] + [w.label for w in workloads], rows), ""]
+
+    failed = [r for r in runs if not r["ok"]]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += ["- round %d `%s` %s: %s" % (r["round"], r["server"], r["workload"],
+                                              _gist(r.get("error")))
+                  for r in failed]
+        lines.append("")
+    lines += ["## Servers", ""]
+    for s in servers:
+        spec = meta["server_specs"].get(s, {})
+        lines.append("- `%s`: %s" % (s, spec.get("description", "")))
+        for role, argv in (meta["server_argv"].get(s) or {}).items():
+            lines.append("  - %s: `%s`" % (role, " ".join(argv)))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def chart(path, meta, summary, servers, workloads):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 3
+    nrows_w = (len(workloads) + ncols - 1) // ncols
+    fig, axes = plt.subplots(2 * nrows_w, ncols, figsize=(5.2 * ncols, 2.2 + 0.42 * len(servers)
+                                                          * 2 * nrows_w), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    col = {s: colors[i % len(colors)] for i, s in enumerate(servers)}
+    ys = list(range(len(servers)))[::-1]
+    for i, w in enumerate(workloads):
+        ax = axes[i // ncols][i % ncols]
+        med = [summary[s][w.name].get("median") or 0 for s in servers]
+        lo = [m - (summary[s][w.name].get("min") or 0) if m else 0
+              for m, s in zip(med, servers)]
+        hi = [(summary[s][w.name].get("max") or 0) - m if m else 0
+              for m, s in zip(med, servers)]
+        ax.barh(ys, med, xerr=[lo, hi], color=[col[s] for s in servers], capsize=2)
+        ax.set_yticks(ys, servers, fontsize=8)
+        ax.set_title("%s (%s)" % (w.label, w.unit), fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        for y, m in zip(ys, med):
+            if m:
+                ax.text(m, y, " " + fmt_val(m, w.unit), va="center", fontsize=7)
+        ax.margins(x=0.18)
+    for i, w in enumerate(workloads):
+        ax = axes[nrows_w + i // ncols][i % ncols]
+        left = [0.0] * len(servers)
+        for role, hatch in (("nbdkit", None), ("qsd", "//")):
+            vals = [((summary[s][w.name].get("cpu_us_per_req") or {}).get(role) or 0)
+                    for s in servers]
+            ax.barh(ys, vals, left=left, color=[col[s] for s in servers], hatch=hatch,
+                    edgecolor="white" if hatch else None, label=role)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.set_yticks(ys, servers, fontsize=8)
+        ax.set_title("%s: server CPU µs/request (hatched: qsd)" % w.label, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        for y, m in zip(ys, left):
+            if m:
+                ax.text(m, y, " %.0f" % m, va="center", fontsize=7)
+        ax.margins(x=0.15)
+    for j in range(len(workloads), nrows_w * ncols):
+        axes[j // ncols][j % ncols].axis("off")
+        axes[nrows_w + j // ncols][j % ncols].axis("off")
+    fig.suptitle("vblk benchmark %s — median of %d round(s), bars: min–max%s"
+                 % (meta["timestamp"], meta["rounds"], " (quick)" if meta["quick"] else ""),
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_json(path, meta, summary, runs):
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,112 @@
+"""A private qemu-storage-daemon owned by the plugin (``image=`` mode).
+
+The daemon is started in nbdkit's final process (after its fork), gets SIGTERM from the kernel
+if that process dies (PR_SET_PDEATHSIG), and is stopped by PID at cleanup, at interpreter exit
+and on SIGTERM/SIGINT delivered to nbdkit (nbdkit then runs cleanup).  No nbdkit import here.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+from .errors import ConfigError
+
+PR_SET_PDEATHSIG = 1
+QSD = "qemu-storage-daemon"
+FORMATS = ("raw", "qcow2")
+AIO_MODES = ("threads", "io_uring", "native")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel for SIGTERM when nbdkit dies.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    os.setpgid(0, 0)  # a ^C in nbdkit's terminal reaches nbdkit, which then stops us in order
+
+
+class ManagedDaemon:
+    """qemu-storage-daemon serving ``image`` as a vhost-user-blk export on a private socket."""
+
+    def __init__(self, image: str, fmt: str = "raw", num_queues: int = 4, aio: str = "threads",
+                 read_only: bool = False, start_timeout: float = 15.0) -> None:
+        self.image = image
+        self.fmt = fmt
+        self.num_queues = num_queues
+        self.aio = aio
+        self.read_only = read_only
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.tmpdir = tempfile.mkdtemp(prefix="vblk-")
+        self.socket = os.path.join(self.tmpdir, "vhost-user-blk.sock")
+        self.log_path = os.path.join(self.tmpdir, "qemu-storage-daemon.log")
+        atexit.register(self.stop)
+
+    def command(self) -> list[str]:
+        file_opts = f"driver=file,node-name=file0,filename={self.image},discard=unmap"
+        if self.aio != "threads":
+            file_opts += f",aio={self.aio}"
+            if self.aio == "native":
+                file_opts += ",cache.direct=on"
+        writable = "off" if self.read_only else "on"
+        return [QSD,
+                "--blockdev", file_opts,
+                "--blockdev", f"driver={self.fmt},node-name=fmt0,file=file0,discard=unmap",
+                "--export", f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,"
+                            f"addr.path={self.socket},writable={writable},"
+                            f"num-queues={self.num_queues}"]
+
+    def start(self) -> None:
+        """Start the daemon and wait for its socket.  Raises ConfigError with the daemon's own
+        message if it exits or does not create the socket within start_timeout."""
+        if shutil.which(QSD) is None:
+            raise ConfigError("image=: qemu-storage-daemon is not installed: "
+                              "apt-get install qemu-system-common (or run scripts/setup)")
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                         close_fds=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + self.start_timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                raise ConfigError(f"image={self.image}: qemu-storage-daemon exited with status "
+                                  f"{self.proc.returncode}: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"image={self.image}: qemu-storage-daemon did not create its "
+                                  f"socket within {self.start_timeout:g}s: {self._log_tail()}")
+            time.sleep(0.02)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "(no output)"
+
+    def stop(self) -> None:
+        """SIGTERM, wait up to 5 s, then SIGKILL; remove the private directory.  Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if os.path.isdir(self.tmpdir):
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
