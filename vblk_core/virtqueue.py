@@ -48,6 +48,16 @@ class Virtqueue:
         self.req_size = layout.req_size
         self._avail_off = offset + layout.avail_offset
         self._used_off = offset + layout.used_offset
+        # Indexes shared with the device are read and written as whole 16-bit words: struct
+        # packs byte by byte, and a torn index (0x00FF -> 0x0000 -> 0x0100) makes the device
+        # (or us) see a ring that moved by ~65535 entries.  memoryview 'H' items are one access.
+        words = mem[:len(mem) // 2 * 2].cast("H")
+        self._words = words
+        self._avail_idx_w = (self._avail_off + 2) // 2
+        self._used_event_w = (self._avail_off + 4 + 2 * self.size) // 2
+        self._used_flags_w = self._used_off // 2
+        self._used_idx_w = (self._used_off + 2) // 2
+        self._avail_event_w = (self._used_off + 4 + 8 * self.size) // 2
         self.event_idx = event_idx
         self.reset()
 
@@ -103,11 +113,11 @@ class Virtqueue:
         self.num_free -= n
         self._chain_len[head] = n
         self._writable[head] = writable
-        avail_off = self._avail_off
-        _U16.pack_into(mem, avail_off + 4 + 2 * (self.avail_idx % self.size), head)
+        words = self._words
+        words[self._avail_idx_w + 1 + self.avail_idx % self.size] = head
         # x86 keeps stores in order: the ring entry is visible before the index that exposes it.
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        _U16.pack_into(mem, avail_off + 2, self.avail_idx)
+        words[self._avail_idx_w] = self.avail_idx
         return head
 
     def needs_kick(self) -> bool:
@@ -120,20 +130,20 @@ class Virtqueue:
         if old == new:
             return False
         if self.event_idx:
-            avail_event = _U16.unpack_from(self.mem, self._used_off + 4 + 8 * self.size)[0]
+            avail_event = self._words[self._avail_event_w]
             # vring_need_event(): did new pass avail_event since old?
             return ((new - avail_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not (_U16.unpack_from(self.mem, self._used_off)[0] & VIRTQ_USED_F_NO_NOTIFY)
+        return not (self._words[self._used_flags_w] & VIRTQ_USED_F_NO_NOTIFY)
 
     def has_used(self) -> bool:
-        return _U16.unpack_from(self.mem, self._used_off + 2)[0] != self.last_used_idx
+        return self._words[self._used_idx_w] != self.last_used_idx
 
     def enable_interrupts(self) -> None:
         """Ask for a call at the next completion (used_event with EVENT_IDX, else the flag)."""
         if self.event_idx:
-            _U16.pack_into(self.mem, self._avail_off + 4 + 2 * self.size, self.last_used_idx)
+            self._words[self._used_event_w] = self.last_used_idx
         else:
-            _U16.pack_into(self.mem, self._avail_off, 0)
+            self._words[self._avail_off // 2] = 0
 
     def harvest(self) -> list[tuple[int, int]]:
         """Consume new used entries: a list of (head, written_len), descriptors freed.
@@ -144,7 +154,7 @@ class Virtqueue:
         are attached to the exception as ``.completed``.
         """
         mem, size = self.mem, self.size
-        used_idx = _U16.unpack_from(mem, self._used_off + 2)[0]
+        used_idx = self._words[self._used_idx_w]
         pending = (used_idx - self.last_used_idx) & 0xFFFF
         if pending == 0:
             return []
