@@ -86,8 +86,12 @@ class BlockDevice:
         try:
             layout = VirtqueueLayout.new(1, queue_size, VirtioBlkReqSlot)
         except ValueError:
-            raise ConfigError(f"queue size {queue_size} is invalid: use a power of two from 1 "
+            raise ConfigError(f"queue size {queue_size} is invalid: use a power of two from 4 "
                               "to 32768 (default 256)") from None
+        if queue_size < 4:
+            # A data request needs 3 descriptors (header, data, status): it would never fit.
+            raise ConfigError(f"queue size {queue_size} is too small: use a power of two from "
+                              "4 to 32768 (default 256)")
         if bounce_buffer_size < 4096 or bounce_buffer_size % 4096:
             raise ConfigError("bounce buffer size must be a multiple of 4096")
         session = VhostUserSession(socket_path, control_timeout)
@@ -406,8 +410,11 @@ class BlockDevice:
     def _transfer(self, mv: memoryview, offset: int, is_read: bool) -> None:
         """Move ``mv`` to/from the device in bounce-buffer-sized requests, several in flight.
         Waits for every request it started, even after an error, before raising the first."""
-        pool, region_view = self.bounce_pool, self._region.view
-        base = self._region.base_addr
+        region = self._region
+        if region is None:  # closed (or failed before set-up)
+            raise RequestError(self._unavailable_reason(), errno.EIO)
+        pool, region_view = self.bounce_pool, region.view
+        base = region.base_addr
         step = self.max_transfer
         total = len(mv)
         pending: list[tuple[BlockRequest, int, int, int]] = []
@@ -536,6 +543,8 @@ class BlockDevice:
 
     def get_id(self) -> bytes:
         """The device's serial (GET_ID), up to 20 bytes, cut at the first NUL."""
+        if self._region is None:
+            raise RequestError(self._unavailable_reason(), errno.EIO)
         index = self.bounce_pool.acquire(self.request_timeout)
         boff = self.bounce_pool.offset_of(index)
         try:

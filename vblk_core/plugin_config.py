@@ -74,6 +74,8 @@ class PluginConfig:
         if key in ("socket", "image", "stats"):
             if not value:
                 raise ConfigError(f"{key}= needs a path")
+            if "\0" in value:
+                raise ConfigError(f"{key}= must not contain a NUL byte")
             setattr(self, key, os.path.abspath(value))
         elif key == "format":
             if value not in FORMATS:
