@@ -74,7 +74,7 @@ class BlockDevice:
         self._generation = 0
         self._seq = itertools.count()
         self._rr = itertools.count()
-        self._tls = threading.local()
+        self._affinity: dict[int, QueueRunner] = {}
         self.failure: str | None = None
         self.reconnects = 0
         self._region: SharedRegion | None = None
@@ -204,12 +204,15 @@ class BlockDevice:
 
     @property
     def can_discard(self) -> bool:
-        return bool(self.features >> VIRTIO_BLK_F_DISCARD & 1) and not self.read_only
+        # A limit below one block could not carry a single aligned request: treat as absent.
+        return (bool(self.features >> VIRTIO_BLK_F_DISCARD & 1) and not self.read_only
+                and self.config.max_discard_sectors * SECTOR_SIZE >= self.config.block_size)
 
     @property
     def can_write_zeroes(self) -> bool:
         """True if the device zeroes natively (so a "fast zero" is honest)."""
-        return bool(self.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1) and not self.read_only
+        return (bool(self.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1) and not self.read_only
+                and self.config.max_write_zeroes_sectors * SECTOR_SIZE >= self.config.block_size)
 
     def stats(self) -> dict:
         """Per-queue counters and totals (a snapshot; counters are monotonic)."""
@@ -225,11 +228,14 @@ class BlockDevice:
     # --- dispatch --------------------------------------------------------------------------
 
     def _pick_queue(self) -> QueueRunner:
-        # Thread affinity: each caller thread keeps to one queue, spread round-robin.
-        q = getattr(self._tls, "queue", None)
+        # Thread affinity: each caller thread keeps to one queue, spread round-robin.  Keyed
+        # by OS thread id: nbdkit gives every callback a fresh Python thread state, so
+        # threading.local() would forget the choice at every request.
+        ident = threading.get_ident()
+        q = self._affinity.get(ident)
         if q is None:
             q = self._queues[next(self._rr) % len(self._queues)]
-            self._tls.queue = q
+            self._affinity[ident] = q
         return q
 
     def _submit(self, req: BlockRequest, q: QueueRunner | None = None) -> None:
@@ -238,6 +244,7 @@ class BlockDevice:
         if q is None:
             q = self._pick_queue()
             req.seq = next(self._seq)
+        stalled = None  # (completions seen, since when) while the ring is full
         while True:
             state = self._state
             if state is DeviceState.CONNECTED:
@@ -247,9 +254,25 @@ class BlockDevice:
                     if published:
                         q.kick_if_needed()
                         return
-                    if published is False:
-                        q.space.wait(self.request_timeout)
-                        continue
+                if published is False:
+                    # Ring full: reap what is done (a waiter may not be reaping right now).
+                    broken = q.reap()
+                    now = time.monotonic()
+                    if stalled is None or stalled[0] != q.stats.requests:
+                        stalled = (q.stats.requests, now)
+                    if broken:
+                        self._queue_broken(broken, generation)
+                    elif now - stalled[1] >= self.request_timeout:
+                        # Nothing completed for request_timeout: the device sits on the ring,
+                        # and the requests in it may be our own (nobody else would notice).
+                        self._session_lost(f"queue {q.index} stayed full with no completion "
+                                           f"for {self.request_timeout:g}s", generation)
+                        stalled = None
+                    else:
+                        with q.lock:
+                            if q.vq.num_free < req.descriptor_count(q.size_max):
+                                q.space.wait(0.002)
+                    continue
             elif state is DeviceState.RECOVERING:
                 with self._state_cond:
                     self._state_cond.wait_for(
@@ -265,9 +288,16 @@ class BlockDevice:
     def _wait(self, req: BlockRequest) -> None:
         """Wait for ``req`` (without the GIL).  A request the device sits on for longer than
         request_timeout makes the session count as lost; recovery resubmits or fails it."""
-        while not req.done.acquire(timeout=self.request_timeout):
-            self._session_lost(f"a request did not complete within {self.request_timeout:g}s",
-                               req.generation)
+        while not req.finished:
+            q = req.queue
+            if q is not None and q.wait(req, self.request_timeout):
+                break
+            if q is None:
+                req.done.acquire(timeout=self.request_timeout)
+            elif not req.finished:
+                self._session_lost(
+                    f"a request did not complete within {self.request_timeout:g}s",
+                    req.generation)
         req.check()
 
     def _run(self, req: BlockRequest) -> None:
@@ -346,6 +376,8 @@ class BlockDevice:
                     if self._state is DeviceState.RECOVERING:
                         self._state = DeviceState.CONNECTED
                     self._state_cond.notify_all()
+                for req in survivors:
+                    req.wake()  # their waiters re-check, and one of them becomes the reaper
                 return
         with self._state_cond:
             if self._state is DeviceState.RECOVERING:
@@ -576,6 +608,8 @@ class BlockDevice:
 
     def _release_memory(self) -> None:
         if self._region is not None:
+            for q in getattr(self, "_queues", ()):
+                q.vq.release()  # a live view on the mapping would make close() leak it
             self._region.close()
             self._region = None
 

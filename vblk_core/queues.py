@@ -7,11 +7,13 @@ completions on a thread that blocks in ``read(call_fd)`` without the GIL.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import select
 import threading
+import time
 from typing import Callable
 
 from .errors import DeviceError, RequestError
@@ -25,10 +27,14 @@ _STATUS_UNSET = 0xFF  # preset so a device that never writes the status cannot f
 
 
 class BlockRequest:
-    """One virtio-blk request.  ``done`` is held until the request completes or fails."""
+    """One virtio-blk request.
+
+    ``finished`` turns True once (completed by the device or failed); ``done`` is a lock its
+    waiter sleeps on, released to wake it (for completion or to hand it the reaper role).
+    """
 
     __slots__ = ("type", "sector", "data_addr", "data_len", "device_writes", "segment",
-                 "size_max", "done", "status", "written", "error", "attempts", "seq",
+                 "done", "finished", "status", "written", "error", "attempts", "seq",
                  "queue", "generation")
 
     def __init__(self, req_type: int, sector: int, data_addr: int = 0, data_len: int = 0,
@@ -41,6 +47,7 @@ class BlockRequest:
         self.segment = segment
         self.done = threading.Lock()
         self.done.acquire()
+        self.finished = False
         self.status = _STATUS_UNSET
         self.written = 0
         self.error: Exception | None = None
@@ -56,9 +63,16 @@ class BlockRequest:
             n += -(-self.data_len // size_max) if size_max else 1
         return n
 
+    def wake(self) -> None:
+        try:
+            self.done.release()
+        except RuntimeError:
+            pass  # already released: the waiter re-checks ``finished`` anyway
+
     def fail(self, error: Exception) -> None:
         self.error = error
-        self.done.release()
+        self.finished = True
+        self.wake()
 
     def check(self) -> None:
         """Raise the request's error, judging the status byte and the written length."""
@@ -97,8 +111,14 @@ class QueueStats:
 class QueueRunner:
     """Drives one Virtqueue for the block device.
 
-    ``on_broken(reason, generation)`` is called (from the completion thread) when the device
-    violates the ring protocol; the device then tears the session down.
+    Completions are harvested by the waiting threads themselves (leader/followers): one waiter
+    at a time is the *reaper*, sleeping in poll() on the call eventfd without the GIL; it
+    completes every finished request and wakes their waiters.  When it leaves (its own request
+    is done) it hands the role to another waiter.  No extra thread, and a lone caller at
+    depth 1 sleeps once per request.
+
+    ``on_broken(reason, generation)`` is called when the device violates the ring protocol;
+    the device then tears the session down.
     """
 
     def __init__(self, index: int, vq: Virtqueue, size_max: int,
@@ -111,11 +131,14 @@ class QueueRunner:
         self.space = threading.Condition(self.lock)
         self._barrier_lock = threading.Lock()
         self.in_flight: dict[int, BlockRequest] = {}
+        self.waiters: set[BlockRequest] = set()
+        self.reaper_busy = False
+        self._reaper_left = threading.Condition(self.lock)
         self.stats = QueueStats()
         self.generation = -1
         self.kick_fd = -1
         self.call_fd = -1
-        self._thread: threading.Thread | None = None
+        self._poller: select.poll | None = None
         self._stopping = False
 
     def _barrier(self) -> None:
@@ -129,28 +152,27 @@ class QueueRunner:
     def attach(self, generation: int) -> tuple[int, int]:
         """Fresh eventfds for a new session; returns (call_fd, kick_fd) to hand to the device."""
         self.generation = generation
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        poller = select.poll()
+        poller.register(self.call_fd, select.POLLIN)
+        self._poller = poller
         return self.call_fd, self.kick_fd
 
     def start(self) -> None:
-        self._stopping = False
-        self.vq.enable_interrupts()
-        self._thread = threading.Thread(target=self._completion_loop,
-                                        args=(self.generation, self.call_fd),
-                                        name=f"vblk-q{self.index}", daemon=True)
-        self._thread.start()
+        with self.lock:
+            self._stopping = False
+            self.vq.enable_interrupts()
 
     def detach(self) -> list[BlockRequest]:
-        """Stop the completion thread, close the eventfds, reset the ring; return what was in
-        flight (not completed), for resubmission or failure.  Caller holds no queue lock."""
-        self._stopping = True
-        if self.call_fd >= 0:
-            os.eventfd_write(self.call_fd, 1)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
+        """Stop reaping, close the eventfds, reset the ring; return what was in flight (not
+        completed), for resubmission or failure.  Caller holds no queue lock."""
         with self.lock:
+            self._stopping = True
+            if self.call_fd >= 0:
+                os.eventfd_write(self.call_fd, 1)  # wake the reaper out of poll()
+            # The reaper leaves within one poll() timeout; its fds must stay open until then.
+            self._reaper_left.wait_for(lambda: not self.reaper_busy, 5.0)
             survivors = list(self.in_flight.values())
             self.in_flight.clear()
             self.stats.depth = 0
@@ -159,7 +181,10 @@ class QueueRunner:
                 if fd >= 0:
                     os.close(fd)
             self.call_fd = self.kick_fd = -1
+            self._poller = None
             self.generation = -1
+            for req in self.waiters:
+                req.wake()  # let them see the new state (they loop, nothing is lost)
             self.space.notify_all()
         return survivors
 
@@ -210,32 +235,74 @@ class QueueRunner:
         self._barrier()
         if self.vq.needs_kick():
             self.stats.kicks += 1
-            try:
-                os.eventfd_write(self.kick_fd, 1)
-            except OSError:
+            if _write_nogil_release(self.kick_fd, _ONE, 8) < 0:
                 pass  # session being torn down: the requests will be resubmitted or failed
 
     # --- completion ------------------------------------------------------------------------
 
-    def _completion_loop(self, generation: int, call_fd: int) -> None:
-        # The back-end may set O_NONBLOCK on the shared eventfd: wait in poll() (GIL released).
-        poller = select.poll()
-        poller.register(call_fd, select.POLLIN)
-        while True:
-            try:
-                poller.poll()
-                os.eventfd_read(call_fd)
-            except BlockingIOError:
+    def wait(self, req: BlockRequest, timeout: float) -> bool:
+        """Wait until ``req`` is finished, reaping completions if no one else is.
+
+        Returns False if ``timeout`` seconds pass first.  Never raises for the request's own
+        outcome (see BlockRequest.check).
+        """
+        deadline = time.monotonic() + timeout
+        lock = self.lock
+        while not req.finished:
+            with lock:
+                if req.finished:
+                    break
+                reaper = (not self.reaper_busy and not self._stopping
+                          and req.generation == self.generation)
+                if reaper:
+                    self.reaper_busy = True
+                else:
+                    self.waiters.add(req)
+            if reaper:
+                try:
+                    self._reap_until(req, deadline)
+                finally:
+                    self._leave_reaper()
+                if req.finished:
+                    break
+                if time.monotonic() >= deadline:
+                    return False
                 continue
-            except OSError:
-                return
-            if self._stopping or self.generation != generation:
-                return
-            self.stats.calls += 1
+            remaining = deadline - time.monotonic()
+            woke = remaining > 0 and req.done.acquire(timeout=remaining)
+            with lock:
+                self.waiters.discard(req)
+            if not woke:
+                return req.finished
+        return True
+
+    def _reap_until(self, req: BlockRequest, deadline: float) -> None:
+        generation = self.generation
+        poller = self._poller
+        call_fd = self.call_fd
+        while True:
             broken = self.reap()
             if broken:
                 self.on_broken(broken, generation)
                 return
+            if req.finished or self._stopping or self.generation != generation:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
+            _read_nogil_release(call_fd, _SCRATCH, 8)  # clear the eventfd (non-blocking)
+            self.stats.calls += 1
+
+    def _leave_reaper(self) -> None:
+        with self.lock:
+            self.reaper_busy = False
+            self._reaper_left.notify_all()
+            # Hand the role to a thread that is asleep waiting for an unfinished request.
+            for other in self.waiters:
+                if not other.finished:
+                    other.wake()
+                    break
 
     def reap(self) -> str | None:
         """Harvest completions and wake their waiters.  Returns a reason if the device broke
@@ -244,6 +311,8 @@ class QueueRunner:
         broken = None
         with self.lock:
             vq, in_flight, mem = self.vq, self.in_flight, self.vq.mem
+            if self._stopping:
+                return None
             while True:
                 try:
                     entries = vq.harvest()
@@ -254,6 +323,7 @@ class QueueRunner:
                     req = in_flight.pop(head)
                     req.status = mem[vq.req_slot_offset(head) + STATUS_OFFSET]
                     req.written = written
+                    req.finished = True
                     finished.append(req)
                 if broken:
                     break
@@ -273,7 +343,20 @@ class QueueRunner:
                         stats.bytes += req.data_len
                 self.space.notify_all()
         for req in finished:
-            req.done.release()
+            req.wake()
         if broken:
             log.error("vblk: device broke the ring protocol: %s", broken)
         return broken
+
+
+# Tiny eventfd syscalls made while holding the GIL: releasing it for a few microseconds would
+# invite a switch to another thread and a wait to get it back (PyDLL does not release it).
+_libc = ctypes.PyDLL(None, use_errno=True)
+_write_nogil_release = _libc.write
+_write_nogil_release.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_write_nogil_release.restype = ctypes.c_ssize_t
+_read_nogil_release = _libc.read
+_read_nogil_release.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_read_nogil_release.restype = ctypes.c_ssize_t
+_ONE = ctypes.byref(ctypes.c_uint64(1))
+_SCRATCH = ctypes.byref(ctypes.c_uint64(0))

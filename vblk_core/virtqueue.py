@@ -61,6 +61,10 @@ class Virtqueue:
         self.event_idx = event_idx
         self.reset()
 
+    def release(self) -> None:
+        """Drop our 16-bit view of the shared memory, so the region can be unmapped."""
+        self._words.release()
+
     def reset(self) -> None:
         """Zero the rings and free every descriptor (a fresh queue at index 0)."""
         start, end = self.offset, self.offset + self.layout.req_offset
