@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Build (and cache) the tiny Linux guest used to test the kernel's NBD client.
+
+Everything comes from Debian packages:
+  * the kernel: the versioned ``linux-image-6.1.*-amd64`` package that ``linux-image-amd64``
+    depends on, fetched with ``apt-get download`` and unpacked with ``dpkg -x`` (never installed);
+    the uncompressed ``vmlinux`` is extracted once from ``vmlinuz`` so that QEMU boots it directly
+    through PVH (no xz decompression under TCG);
+  * an uncompressed newc initramfs made with ``busybox cpio``: busybox-static applets, nbd-client,
+    mke2fs, the libraries ``ldd`` lists plus the loader, the kernel modules the guest needs
+    (nbd, the virtio-net chain, the ext4 chain), and ``tests/vm/init`` as ``/init``.
+
+Results go to ``tests/vm/.cache/`` (git-ignored): ``vmlinux``, ``initramfs.cpio`` and
+``guest.json``; the kernel ``.deb`` is kept in ``.cache/debs/``.  A build is redone when a result
+is missing or when this script, the init script or a host package it copies changed.
+
+Usage: python3 tests/vm/build_guest.py [--force] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CACHE = os.path.join(HERE, ".cache")
+INIT_SCRIPT = os.path.join(HERE, "init")
+
+# Kernel modules to load, by name; their dependencies are added (first) automatically.
+# crc32c_generic is a crypto soft dependency of ext4/jbd2 (modinfo does not list it as a dep).
+WANTED_MODULES = ["nbd", "virtio_pci", "virtio_net", "crc32c_generic", "ext4"]
+# Host programs copied into the initramfs (with their libraries), and where they go.
+PROGRAMS = {"/usr/sbin/nbd-client": "sbin/nbd-client", "/usr/sbin/mke2fs": "sbin/mke2fs"}
+BUSYBOX = "/bin/busybox"
+# Host packages whose files end up in the initramfs: their versions are part of the cache key.
+HOST_PACKAGES = ["busybox-static", "nbd-client", "e2fsprogs", "libc6"]
+FORMAT = 3  # bump when the cache layout changes
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[build_guest {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
+    except FileNotFoundError as e:
+        raise BuildError(f"{cmd[0]} not found: install the packages (scripts/setup --vm)") from e
+    except subprocess.CalledProcessError as e:
+        raise BuildError(f"{' '.join(cmd)} failed ({e.returncode}): {e.stderr.strip()}") from e
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_version(pkg: str) -> str:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], text=True, capture_output=True)
+    if r.returncode != 0 or not r.stdout:
+        raise BuildError(f"Debian package {pkg} is not installed: run scripts/setup --vm")
+    return r.stdout.strip()
+
+
+def input_key() -> str:
+    h = hashlib.sha256()
+    h.update(f"format {FORMAT}\n".encode())
+    for path in (os.path.abspath(__file__), INIT_SCRIPT):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    for pkg in HOST_PACKAGES:
+        h.update(f"{pkg}={package_version(pkg)}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- kernel package
+
+def kernel_package_name() -> str:
+    """The versioned linux-image-6.1.*-amd64 package that linux-image-amd64 depends on."""
+    for attempt in range(2):
+        r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
+                           text=True, capture_output=True)
+        names = re.findall(r"Depends:\s*(linux-image-6\.1\.\S*-amd64)\s*$", r.stdout, re.M)
+        if names:
+            return names[0]
+        if attempt == 0:
+            log("apt-cache knows no linux-image-amd64 dependency: running apt-get update")
+            run(["apt-get", "update", "-qq"])
+    raise BuildError("cannot find the linux-image-6.1.*-amd64 package that linux-image-amd64 "
+                     f"depends on (apt-cache said: {r.stdout.strip() or r.stderr.strip()})")
+
+
+def kernel_deb(cache: str) -> str:
+    debdir = os.path.join(cache, "debs")
+    os.makedirs(debdir, exist_ok=True)
+    have = sorted(glob.glob(os.path.join(debdir, "linux-image-6.1.*-amd64_*.deb")))
+    if have:
+        log(f"kernel package (cached): {os.path.basename(have[-1])}")
+        return have[-1]
+    name = kernel_package_name()
+    log(f"downloading {name} with apt-get download (about 70 MB)")
+    tmp = tempfile.mkdtemp(prefix="dl-", dir=debdir)
+    try:
+        # Sandbox user root: the download directory need not be readable by _apt.
+        run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", name], cwd=tmp)
+        debs = glob.glob(os.path.join(tmp, "*.deb"))
+        if len(debs) != 1:
+            raise BuildError(f"apt-get download {name} produced {debs}")
+        dest = os.path.join(debdir, os.path.basename(debs[0]))
+        os.rename(debs[0], dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"downloaded {os.path.basename(dest)} ({os.path.getsize(dest) >> 20} MiB)")
+    return dest
+
+
+def extract_vmlinux(vmlinuz: str, out: str) -> None:
+    """Find the xz stream inside the bzImage and decompress it: the result is the ELF vmlinux."""
+    with open(vmlinuz, "rb") as f:
+        data = f.read()
+    magic = b"\xfd7zXZ\x00"
+    pos = data.find(magic)
+    while pos >= 0:
+        try:
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            elf = d.decompress(data[pos:])
+            if elf[:4] == b"\x7fELF":
+                tmp = out + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(elf)
+                os.rename(tmp, out)
+                return
+        except lzma.LZMAError:
+            pass
+        pos = data.find(magic, pos + 1)
+    raise BuildError(f"no xz-compressed ELF kernel found in {vmlinuz} "
+                     "(is the kernel compressed with something other than xz?)")
+
+
+# --------------------------------------------------------------------------- modules
+
+def module_name(path: str) -> str:
+    base = os.path.basename(path)
+    base = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", base)
+    return base.replace("-", "_")
+
+
+def resolve_modules(moddir: str, wanted: list[str]) -> list[str]:
+    """Paths of the wanted modules and their dependencies, in a valid load order."""
+    index: dict[str, str] = {}
+    for dirpath, _, files in os.walk(os.path.join(moddir, "kernel")):
+        for fn in files:
+            if re.search(r"\.ko(\.(xz|zst|gz))?$", fn):
+                index[module_name(fn)] = os.path.join(dirpath, fn)
+    builtin: set[str] = set()
+    bpath = os.path.join(moddir, "modules.builtin")
+    if os.path.exists(bpath):
+        with open(bpath) as f:
+            builtin = {module_name(line.strip()) for line in f if line.strip()}
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if state.get(name) == "done" or name in builtin:
+            return
+        if state.get(name) == "active":
+            raise BuildError(f"module dependency cycle at {name}")
+        if name not in index:
+            raise BuildError(f"kernel module {name} not found in {moddir}")
+        state[name] = "active"
+        deps = run(["modinfo", "-F", "depends", index[name]]).stdout.strip()
+        for dep in filter(None, deps.split(",")):
+            visit(dep)
+        state[name] = "done"
+        order.append(index[name])
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def copy_module(src: str, dst: str) -> None:
+    if src.endswith(".xz"):
+        with lzma.open(src) as f, open(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
+    elif src.endswith(".gz"):
+        import gzip
+        with gzip.open(src) as f, open(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
+    elif src.endswith(".zst"):
+        run(["zstd", "-q", "-d", "-f", src, "-o", dst])
+    else:
+        shutil.copyfile(src, dst)
+
+
+# --------------------------------------------------------------------------- binaries
+
+def ldd_libs(binary: str) -> list[str]:
+    out = run(["ldd", binary]).stdout
+    libs = []
+    for line in out.splitlines():
+        line = line.strip()
+        m = re.match(r"\S+\s+=>\s+(/\S+)\s+\(", line)
+        if m:
+            libs.append(m.group(1))
+        elif line.startswith("/"):
+            libs.append(line.split()[0])  # the loader
+        elif "=>" in line and "not found" in line:
+            raise BuildError(f"ldd {binary}: {line}")
+    return libs
+
+
+def copy_into(root: str, src: str, rel: str, mode: int | None = None) -> None:
+    dst = os.path.join(root, rel.lstrip("/"))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.lexists(dst):
+        os.unlink(dst)  # e.g. a busybox applet link: replace it, never write through it
+    shutil.copyfile(src, dst)  # follows symlinks in src: the guest gets the real file
+    os.chmod(dst, mode if mode is not None else stat.S_IMODE(os.stat(src).st_mode))
+
+
+def populate_root(root: str, moddir: str, kver: str) -> dict:
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "mnt", "tmp",
+              "run", "root", f"lib/modules/{kver}"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    # The kernel opens /dev/console for /init before anything is mounted.
+    try:
+        os.mknod(os.path.join(root, "dev/console"), 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    except PermissionError:
+        log("not root: no /dev/console node in the initramfs (init reopens it after devtmpfs)")
+
+    # busybox and one link per applet
+    copy_into(root, BUSYBOX, "bin/busybox", 0o755)
+    applets = run([BUSYBOX, "--list-full"]).stdout.split()
+    for rel in applets:
+        dst = os.path.join(root, rel)
+        if os.path.lexists(dst):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        # relative, so that the link never points at a host file while the tree is built
+        os.symlink(os.path.relpath(os.path.join(root, "bin/busybox"), os.path.dirname(dst)), dst)
+    log(f"busybox with {len(applets)} applets")
+
+    # nbd-client, mke2fs (+ mkfs.ext4 link), their libraries and the loader
+    libs: set[str] = set()
+    for src, rel in PROGRAMS.items():
+        copy_into(root, src, rel, 0o755)
+        libs.update(ldd_libs(src))
+    link = os.path.join(root, "sbin/mkfs.ext4")
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink("mke2fs", link)
+    for lib in sorted(libs):
+        copy_into(root, lib, lib, 0o755)
+    if os.path.exists("/etc/mke2fs.conf"):
+        copy_into(root, "/etc/mke2fs.conf", "etc/mke2fs.conf", 0o644)
+    log(f"nbd-client, mke2fs and {len(libs)} libraries: {' '.join(os.path.basename(l) for l in sorted(libs))}")
+
+    # kernel modules, flat, plus their load order
+    mods = resolve_modules(moddir, WANTED_MODULES)
+    names = []
+    for src in mods:
+        name = module_name(src) + ".ko"
+        copy_module(src, os.path.join(root, f"lib/modules/{kver}", name))
+        names.append(name)
+    with open(os.path.join(root, "etc/vblk-modules"), "w") as f:
+        for name in names:
+            f.write(f"/lib/modules/{kver}/{name}\n")
+    log(f"modules in load order: {' '.join(n[:-3] for n in names)}")
+
+    copy_into(root, INIT_SCRIPT, "init", 0o755)
+    return {"modules": [n[:-3] for n in names], "libraries": sorted(libs)}
+
+
+def make_cpio(root: str, out: str) -> None:
+    entries = []
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        if rel != ".":
+            entries.append(rel)
+        for fn in sorted(files):
+            entries.append(os.path.normpath(os.path.join(rel, fn)))
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        r = subprocess.run([BUSYBOX, "cpio", "-o", "-H", "newc"], cwd=root, stdout=f,
+                           input=("\n".join(entries) + "\n").encode(), stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise BuildError(f"busybox cpio failed ({r.returncode}): {r.stderr.decode().strip()}")
+    os.rename(tmp, out)
+
+
+# --------------------------------------------------------------------------- main entry
+
+def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False) -> dict:
+    """Return the guest's description (paths in the cache), building whatever is missing."""
+    os.makedirs(cache, exist_ok=True)
+    import fcntl
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        return _ensure_guest(cache, force)
+
+
+def _ensure_guest(cache: str, force: bool) -> dict:
+    meta_path = os.path.join(cache, "guest.json")
+    vmlinux = os.path.join(cache, "vmlinux")
+    initramfs = os.path.join(cache, "initramfs.cpio")
+    key = input_key()
+    if not force and os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = {}
+        if (meta.get("key") == key and os.path.exists(vmlinux) and os.path.exists(initramfs)
+                and os.path.getsize(initramfs) == meta.get("initramfs_size")):
+            return meta
+
+    t0 = time.monotonic()
+    log(f"building the test guest in {cache}")
+    for f in (meta_path, initramfs):
+        if os.path.exists(f):
+            os.unlink(f)
+    deb = kernel_deb(cache)
+    work = tempfile.mkdtemp(prefix="build-", dir=cache)
+    try:
+        kroot = os.path.join(work, "kernel")
+        log(f"unpacking {os.path.basename(deb)} with dpkg -x")
+        run(["dpkg", "-x", deb, kroot])
+        vmlinuzs = glob.glob(os.path.join(kroot, "boot", "vmlinuz-*"))
+        if len(vmlinuzs) != 1:
+            raise BuildError(f"expected one vmlinuz in {deb}, found {vmlinuzs}")
+        kver = os.path.basename(vmlinuzs[0])[len("vmlinuz-"):]
+        moddir = os.path.join(kroot, "lib", "modules", kver)
+        log(f"kernel {kver}: extracting the uncompressed vmlinux (for a PVH boot)")
+        extract_vmlinux(vmlinuzs[0], vmlinux)
+        root = os.path.join(work, "root")
+        info = populate_root(root, moddir, kver)
+        log("writing the newc initramfs with busybox cpio")
+        make_cpio(root, initramfs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    meta = {
+        "key": key,
+        "kernel_package": os.path.basename(deb),
+        "kernel_version": kver,
+        "vmlinux": vmlinux,
+        "initramfs": initramfs,
+        "initramfs_size": os.path.getsize(initramfs),
+        "busybox_sha256": sha256_file(BUSYBOX),
+        "build_seconds": round(time.monotonic() - t0, 1),
+        **info,
+    }
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.rename(meta_path + ".tmp", meta_path)
+    log(f"guest ready in {meta['build_seconds']} s: vmlinux {os.path.getsize(vmlinux) >> 20} MiB, "
+        f"initramfs {meta['initramfs_size'] >> 20} MiB")
+    return meta
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    ap.add_argument("--cache", default=DEFAULT_CACHE, help="cache directory (default: %(default)s)")
+    args = ap.parse_args()
+    try:
+        meta = ensure_guest(args.cache, args.force)
+    except BuildError as e:
+        print(f"build_guest: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
