@@ -449,6 +449,24 @@ class BlockDevice:
         base = region.base_addr
         step = self.max_transfer
         total = len(mv)
+        if total <= step:
+            # Fast path: one request, one bounce buffer.
+            index = pool.try_acquire()
+            if index is None:
+                index = pool.acquire(self.request_timeout)
+            try:
+                boff = pool.offset_of(index)
+                if not is_read:
+                    region_view[boff:boff + total] = mv
+                req = BlockRequest(VIRTIO_BLK_T_IN if is_read else VIRTIO_BLK_T_OUT,
+                                   offset >> 9, base + boff, total, is_read)
+                self._submit(req)
+                self._wait(req)
+                if is_read:
+                    mv[:] = region_view[boff:boff + total]
+            finally:
+                pool.release(index)
+            return
         pending: list[tuple[BlockRequest, int, int, int]] = []
         first_error: BaseException | None = None
 

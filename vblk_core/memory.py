@@ -9,6 +9,7 @@ import ctypes
 import mmap
 import os
 import threading
+import time
 
 from .errors import ConfigError, RequestError
 
@@ -73,6 +74,7 @@ class BouncePool:
         self.buffer_size = buffer_size
         self._free = list(range(count - 1, -1, -1))
         self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
         self.high_water = 0
 
     def offset_of(self, index: int) -> int:
@@ -89,27 +91,39 @@ class BouncePool:
 
     def try_acquire(self) -> int | None:
         """A free buffer index, or None at once if there is none."""
-        with self._cond:
-            if not self._free:
-                return None
-            index = self._free.pop()
-            used = self.count - len(self._free)
-            if used > self.high_water:
-                self.high_water = used
-            return index
+        try:
+            index = self._free.pop()  # atomic under the GIL: no lock on the fast path
+        except IndexError:
+            return None
+        used = self.count - len(self._free)
+        if used > self.high_water:
+            self.high_water = used
+        return index
 
     def acquire(self, timeout: float) -> int:
         """A free buffer index.  Raises RequestError(EIO) if none frees up within ``timeout``."""
-        with self._cond:
-            if not self._free and not self._cond.wait_for(lambda: self._free, timeout):
-                raise RequestError(f"no bounce buffer became free within {timeout:g}s")
-            index = self._free.pop()
-            used = self.count - len(self._free)
-            if used > self.high_water:
-                self.high_water = used
+        index = self.try_acquire()
+        if index is not None:
             return index
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while True:
+                    index = self.try_acquire()
+                    if index is not None:
+                        return index
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RequestError(f"no bounce buffer became free within {timeout:g}s")
+                    # Short waits: a release between our check and the wait is not missed
+                    # for long even though release() checks _waiting without the lock.
+                    self._cond.wait(min(remaining, 0.01))
+            finally:
+                self._waiting -= 1
 
     def release(self, index: int) -> None:
-        with self._cond:
-            self._free.append(index)
-            self._cond.notify()
+        self._free.append(index)  # atomic under the GIL
+        if self._waiting:
+            with self._cond:
+                self._cond.notify()

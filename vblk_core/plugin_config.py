@@ -18,7 +18,7 @@ KEYS = {
     "format": "format of image= (raw or qcow2; default raw)",
     "aio": "I/O engine of the private daemon (threads, io_uring or native; default threads)",
     "num-queues": "virtqueues to use (default: what the device offers, at most 4)",
-    "queue-size": "entries per virtqueue, a power of two up to 32768 (default 256)",
+    "queue-size": "entries per virtqueue, a power of two from 4 to 32768 (default 256)",
     "bounce-buffers": "number of 1 MiB bounce buffers in shared memory (default 64)",
     "stats": "PATH: write per-queue statistics as JSON there (every second and at exit)",
     "reconnect-timeout": "SECONDS to keep reconnecting after the back-end goes away "
@@ -88,7 +88,7 @@ class PluginConfig:
         elif key == "num-queues":
             self.num_queues = _parse_int(key, value, 1, MAX_QUEUES)
         elif key == "queue-size":
-            n = _parse_int(key, value, 1, 32768)
+            n = _parse_int(key, value, 4, 32768)  # a request needs 3 descriptors
             if n & (n - 1):
                 raise ConfigError(f"queue-size={n} is not a power of two: use e.g. 128, 256 or 512")
             self.queue_size = n

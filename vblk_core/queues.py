@@ -202,11 +202,16 @@ class QueueRunner:
         if vq.num_free < req.descriptor_count(self.size_max):
             return False
         head = vq._free_head
-        slot = vq.req_slot_offset(head)
+        slot = vq.req_off + head * vq.req_size
         slot_addr = vq.req_addr + head * vq.req_size
         mem = vq.mem
         HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)
         mem[slot + STATUS_OFFSET] = _STATUS_UNSET
+        if req.segment is None and req.data_len and (
+                not self.size_max or req.data_len <= self.size_max):
+            vq.add_data_chain(slot_addr + HEADER_OFFSET, HEADER.size, req.data_addr,
+                              req.data_len, req.device_writes, slot_addr + STATUS_OFFSET)
+            return self._published(head, req, generation)
         chain = [(slot_addr + HEADER_OFFSET, HEADER.size, False)]
         if req.segment is not None:
             SEGMENT.pack_into(mem, slot + SEGMENT_OFFSET, *req.segment)
@@ -220,7 +225,10 @@ class QueueRunner:
                     chain.append((req.data_addr + off, min(size_max, req.data_len - off),
                                   req.device_writes))
         chain.append((slot_addr + STATUS_OFFSET, 1, True))
-        head = vq.add_chain(chain)
+        vq.add_chain(chain)
+        return self._published(head, req, generation)
+
+    def _published(self, head: int, req: BlockRequest, generation: int) -> bool:
         self.in_flight[head] = req
         req.queue = self
         req.generation = generation
@@ -235,7 +243,12 @@ class QueueRunner:
         self._barrier()
         if self.vq.needs_kick():
             self.stats.kicks += 1
-            if _write_nogil_release(self.kick_fd, _ONE, 8) < 0:
+            if _KICK_RELEASES_GIL:
+                try:
+                    os.eventfd_write(self.kick_fd, 1)
+                except OSError:
+                    pass
+            elif _write_nogil_release(self.kick_fd, _ONE, 8) < 0:
                 pass  # session being torn down: the requests will be resubmitted or failed
 
     # --- completion ------------------------------------------------------------------------
@@ -297,7 +310,8 @@ class QueueRunner:
     def _leave_reaper(self) -> None:
         with self.lock:
             self.reaper_busy = False
-            self._reaper_left.notify_all()
+            if self._reaper_left._waiters:
+                self._reaper_left.notify_all()
             # Hand the role to a thread that is asleep waiting for an unfinished request.
             for other in self.waiters:
                 if not other.finished:
@@ -341,7 +355,8 @@ class QueueRunner:
                         stats.errors += 1
                     elif req.type != VIRTIO_BLK_T_GET_ID:
                         stats.bytes += req.data_len
-                self.space.notify_all()
+                if self.space._waiters:  # skip the call when no submitter waits for room
+                    self.space.notify_all()
         for req in finished:
             req.wake()
         if broken:
@@ -358,5 +373,6 @@ _write_nogil_release.restype = ctypes.c_ssize_t
 _read_nogil_release = _libc.read
 _read_nogil_release.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 _read_nogil_release.restype = ctypes.c_ssize_t
+_KICK_RELEASES_GIL = os.environ.get('VBLK_KICK_GIL') == '1'
 _ONE = ctypes.byref(ctypes.c_uint64(1))
 _SCRATCH = ctypes.byref(ctypes.c_uint64(0))

@@ -124,6 +124,32 @@ class Virtqueue:
         words[self._avail_idx_w] = self.avail_idx
         return head
 
+    def add_data_chain(self, head_slot_addr: int, header_len: int, data_addr: int,
+                       data_len: int, device_writes: bool, status_addr: int) -> int:
+        """Fast path of add_chain for the common 3-descriptor chain: header (device-readable),
+        one data buffer, status byte (device-writable).  Caller checked ``num_free >= 3``."""
+        mem, base, nxt = self.mem, self.offset, self._next
+        pack = _DESC.pack_into
+        head = self._free_head
+        second = nxt[head]
+        third = nxt[second]
+        pack(mem, base + 16 * head, head_slot_addr, header_len, VIRTQ_DESC_F_NEXT, second)
+        pack(mem, base + 16 * second, data_addr, data_len,
+             VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE if device_writes else VIRTQ_DESC_F_NEXT,
+             third)
+        pack(mem, base + 16 * third, status_addr, 1, VIRTQ_DESC_F_WRITE, 0)
+        self._free_head = nxt[third]
+        self.num_free -= 3
+        self._chain_len[head] = 3
+        self._writable[head] = data_len + 1 if device_writes else 1
+        words = self._words
+        avail_idx = self.avail_idx
+        words[self._avail_idx_w + 1 + avail_idx % self.size] = head
+        avail_idx = (avail_idx + 1) & 0xFFFF
+        self.avail_idx = avail_idx
+        words[self._avail_idx_w] = avail_idx  # last: exposes the entry (x86 orders stores)
+        return head
+
     def needs_kick(self) -> bool:
         """Whether the device asked to be notified of what was published since the last call.
 
