@@ -101,6 +101,8 @@ def after_fork():
         _stop_daemon()
         key = "image" if cfg.image else "socket"
         raise RuntimeError(f"{key}: {e}") from None
+    if daemon is not None and cfg.reconnect_timeout > 0:
+        daemon.supervise(on_event=lambda msg: _log.warning("vblk: %s", msg))
     nbdkit.debug(f"vblk: {device.num_queues} of {device.device_queues} queues, "
                  f"queue size {device.queue_size}, capacity {device.capacity}")
     if cfg.stats:

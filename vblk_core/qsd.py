@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 from .errors import ConfigError
@@ -87,6 +88,39 @@ class ManagedDaemon:
                                   f"socket within {self.start_timeout:g}s: {self._log_tail()}")
             time.sleep(0.02)
 
+    def supervise(self, on_event=None, max_restarts: int = 5, window: float = 60.0) -> None:
+        """Restart the daemon on the same socket if it dies, from a background thread, so the
+        device's reconnect logic finds it again.  Gives up after ``max_restarts`` deaths within
+        ``window`` seconds.  ``on_event(message)`` is told about each restart."""
+        self._stop_supervising = threading.Event()
+        deaths: list[float] = []
+
+        def loop() -> None:
+            while not self._stop_supervising.wait(0.2):
+                proc = self.proc
+                if proc is None or proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                deaths[:] = [t for t in deaths if now - t < window] + [now]
+                if len(deaths) > max_restarts:
+                    if on_event:
+                        on_event(f"qemu-storage-daemon died {len(deaths)} times in "
+                                 f"{window:g}s: not restarting it ({self._log_tail()})")
+                    return
+                if on_event:
+                    on_event(f"qemu-storage-daemon exited with status {proc.returncode}; "
+                             f"restarting it ({self._log_tail()})")
+                try:
+                    self.start()
+                except Exception as e:  # noqa: BLE001 - reported, the device then fails
+                    if on_event:
+                        on_event(f"restarting qemu-storage-daemon failed: {e}")
+                    return
+
+        self._supervisor = threading.Thread(target=loop, name="vblk-qsd-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -100,6 +134,12 @@ class ManagedDaemon:
 
     def stop(self) -> None:
         """SIGTERM, wait up to 5 s, then SIGKILL; remove the private directory.  Idempotent."""
+        stop_supervising = getattr(self, "_stop_supervising", None)
+        if stop_supervising is not None:
+            stop_supervising.set()
+            supervisor = self._supervisor
+            if supervisor is not threading.current_thread():
+                supervisor.join()
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
