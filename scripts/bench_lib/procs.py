@@ -79,6 +79,8 @@ def install_cleanup():
     atexit.register(stop_all)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
+    # Also when started in the background by a shell that ignores SIGINT there.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def log_tail(path, lines=15):
@@ -139,6 +141,24 @@ def rss_kib(pid):
             return int(f.read().split()[1]) * PAGE_KIB
     except OSError:
         return None
+
+
+def system_ticks():
+    """(busy, steal) clock ticks of the whole machine from /proc/stat's cpu line."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is already inside user)
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+    return busy, (v[7] if len(v) > 7 else 0)
+
+
+def tree_pids(pid):
+    """pid and all its descendants (psutil), or just pid without psutil."""
+    try:
+        import psutil
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return [pid]
 
 
 def alive(p):

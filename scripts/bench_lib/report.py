@@ -1,7 +1,6 @@
 """Aggregate per-run results into medians / min-max, and write markdown, PNG and JSON."""
 
 import json
-import os
 import statistics
 
 
@@ -114,7 +113,24 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
               "- fio nbd engine, %s s runtime + %s s ramp per run (time_based), %d round(s), "
               "servers run round robin, a fresh server per run; median (min–max) over rounds"
               % (meta["runtime"], meta["ramp"], meta["rounds"]),
-              "- total wall time: %.0f s" % meta.get("elapsed_s", 0), ""]
+              "- total wall time: %.0f s%s" % (meta.get("elapsed_s", 0),
+                                                  " (interrupted)" if meta.get("interrupted")
+                                                  else "")]
+    others = [r["machine"]["other_cpus"] for r in runs if r.get("machine")]
+    if others:
+        lines.append("- other load on the machine during the measurement windows (CPU time of "
+                     "everything but the server and fio, in CPUs): median %.2f, max %.2f; "
+                     "%d of %d runs above 0.2" % (statistics.median(others), max(others),
+                                                  sum(o > 0.2 for o in others), len(others)))
+    lines.append("")
+    versions = sorted({r["code_version"] for r in runs if r.get("code_version")})
+    if len(versions) > 1:
+        lines += ["**Warning: the vblk plugin / vblk_core sources changed during this "
+                  "benchmark (%d versions: %s); vblk rows mix code versions.**"
+                  % (len(versions), ", ".join(versions)), ""]
+    elif versions:
+        lines[-1:-1] = ["- vblk code version (sha1 of plugin + vblk_core sources): %s"
+                        % versions[0]]
     if skipped:
         lines += ["**Skipped / failed servers:**", ""]
         lines += ["- `%s`: %s" % (s, _gist(why)) for s, why in skipped.items()]
@@ -188,7 +204,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
         rows.append(["`%s`" % s] + cells)
     lines += ["## Peak RSS of the NBD server process (MiB)", "",
               "VmHWM at the end of the run (psutil-sampled peak in parentheses), max over rounds."
-              " nbdkit's RSS includes the image pages it touched only for `memory`.", "",
+              " Only `memory` keeps image data in its own RSS; the others use the page cache.", "",
               _table(["server"] + [w.label for w in workloads], rows), ""]
 
     rows = []
@@ -201,6 +217,48 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
         rows.append(["`%s`" % s] + cells)
     lines += ["## fio completion latency p50 / p99 (µs, median over rounds)", "",
               _table(["server"] + [w.label for w in workloads], rows), ""]
+
+    if any(r.get("machine", {}).get("other_cpus", 0) > 0.2 for r in runs):
+        rows = []
+        for s in servers:
+            cells = []
+            for w in workloads:
+                v = [r["machine"]["other_cpus"] for r in runs if r["server"] == s
+                     and r["workload"] == w.name and r.get("machine")]
+                cells.append("%.2f" % max(v) if v else "–")
+            rows.append(["`%s`" % s] + cells)
+        lines += ["## Other load during the runs (CPUs, max over rounds)", "",
+                  "CPU used by processes other than the server and fio during the measurement "
+                  "window: above ~0.2 the run shared the machine and its numbers are suspect.",
+                  "", _table(["server"] + [w.label for w in workloads], rows), ""]
+
+    stat_rows = []
+    for s in servers:
+        cells, any_stats = [], False
+        for w in workloads:
+            per = []
+            for r in runs:
+                st = r.get("plugin_stats")
+                if r["server"] != s or r["workload"] != w.name or not isinstance(st, dict):
+                    continue
+                t = st.get("totals") or {}
+                if t.get("requests"):
+                    per.append((t.get("kicks", 0) / t["requests"],
+                                t.get("calls", 0) / t["requests"], t.get("max_depth")))
+            if per:
+                any_stats = True
+                cells.append("%.2f / %.2f / %s" % (_med([p[0] for p in per]),
+                                                   _med([p[1] for p in per]),
+                                                   max(p[2] or 0 for p in per)))
+            else:
+                cells.append("–")
+        if any_stats:
+            stat_rows.append(["`%s`" % s] + cells)
+    if stat_rows:
+        lines += ["## vblk plugin statistics (stats=)", "",
+                  "Kicks per request / calls (interrupts) per request (medians) / max ring "
+                  "depth seen, from the plugin's totals over the whole run (ramp included).", "",
+                  _table(["server"] + [w.label for w in workloads], stat_rows), ""]
 
     failed = [r for r in runs if not r["ok"]]
     if failed:

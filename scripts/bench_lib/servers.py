@@ -4,6 +4,8 @@ A server is started fresh for every run (one server, one workload) and stopped a
 run's CPU, peak RSS (VmHWM) and startup state are its own.  Every server listens on a unix socket.
 """
 
+import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -51,6 +53,7 @@ class Running:
         self.logs = {}             # role -> log path
         self.stats_path = None
         self.main_role = None      # the process that speaks NBD
+        self.code_version = None   # vblk: hash of the plugin + vblk_core sources at start
 
     def pids(self):
         return {role: p.pid for role, p in self.procs}
@@ -140,6 +143,23 @@ def _start_nbdkit(run, plugin_argv, sockdir, tag, log, timeout, threads=None, en
     return sock
 
 
+def code_version(plugin):
+    """Short hash of the plugin and the vblk_core sources next to it (or in ROOT), so a report
+    can tell when the code changed between runs (a fresh nbdkit loads the files every run)."""
+    h = hashlib.sha1()
+    core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(plugin))), "vblk_core")
+    if not os.path.isdir(core):
+        core = os.path.join(ROOT, "vblk_core")
+    files = [plugin] + sorted(glob.glob(os.path.join(core, "*.py")))
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                h.update(os.path.basename(f).encode() + b"\0" + fh.read())
+        except OSError:
+            pass
+    return h.hexdigest()[:12]
+
+
 def start(spec, image, sockdir, logdir, tag, timeout=30.0):
     """Start spec serving image; return a Running.  Raises StartError (after cleaning up)."""
     run = Running(spec, None)
@@ -152,6 +172,7 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
         elif spec.kind == "vblk":
             if not os.path.exists(spec.plugin):
                 raise StartError("plugin %s does not exist" % spec.plugin)
+            run.code_version = code_version(spec.plugin)
             vsock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout, aio=spec.aio,
                                vhost_queues=spec.queues)
             pargs = ["python", spec.plugin, "socket=" + vsock] + list(spec.plugin_args)
@@ -161,7 +182,8 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
             _start_nbdkit(run, pargs, sockdir, tag, log("nbdkit"), timeout,
                           spec.nbdkit_threads, spec.env)
         elif spec.kind == "floor":
-            pargs = ["python", FLOOR_PLUGIN, "file=" + image, "threads=" + spec.floor_model]
+            pargs = ["python", spec.plugin or FLOOR_PLUGIN, "file=" + image,
+                     "threads=" + spec.floor_model] + list(spec.plugin_args)
             _start_nbdkit(run, pargs, sockdir, tag, log("nbdkit"), timeout,
                           spec.nbdkit_threads, spec.env)
         elif spec.kind == "file":

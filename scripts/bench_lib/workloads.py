@@ -1,7 +1,6 @@
 """fio workloads (nbd engine) and one measured run of a workload against a started server."""
 
 import json
-import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -94,6 +93,13 @@ def _summarize_fio(path):
     return out
 
 
+def _snapshot(pids, fio_pids):
+    busy, steal = procs.system_ticks()
+    return {"t": time.monotonic(), "busy": busy, "steal": steal,
+            "server": {r: procs.cpu_ticks(pid) for r, pid in pids.items()},
+            "fio": {p: procs.cpu_ticks(p) for p in fio_pids}}
+
+
 def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     """Run fio workload w against the started server run; return a result dict.
 
@@ -123,10 +129,11 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
                 if rss and rss > peak[r]:
                     peak[r] = rss
             if win_a is None and now >= win_start_at:
-                win_a = (time.monotonic(), {r: procs.cpu_ticks(pid) for r, pid in pids.items()})
+                fio_pids = procs.tree_pids(fio.pid)
+                win_a = _snapshot(pids, fio_pids)
                 threads = {r: procs.num_threads(pid) for r, pid in pids.items()}
             elif win_a is not None and win_b is None and now >= win_end_at:
-                win_b = (time.monotonic(), {r: procs.cpu_ticks(pid) for r, pid in pids.items()})
+                win_b = _snapshot(pids, fio_pids)
             if now > deadline:
                 timed_out = True
                 break
@@ -173,9 +180,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     cpu = {}
     for r in pids:
         c = {"ticks_total": None if None in (first[r], last[r]) else last[r] - first[r]}
-        if win_a and win_b and win_a[1][r] is not None and win_b[1][r] is not None:
-            ticks = win_b[1][r] - win_a[1][r]
-            wall = win_b[0] - win_a[0]
+        if win_a and win_b and win_a["server"][r] is not None and win_b["server"][r] is not None:
+            ticks = win_b["server"][r] - win_a["server"][r]
+            wall = win_b["t"] - win_a["t"]
             util = ticks / procs.CLK_TCK / wall
             c.update(ticks_window=ticks, wall_window_s=wall, cpu_util=util,
                      us_per_req=util / f["iops"] * 1e6 if f["iops"] else None)
@@ -187,6 +194,19 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
         c["threads"] = threads.get(r)
         cpu[r] = c
     res["cpu"] = cpu
+    if win_a and win_b:
+        # What else used the machine during the window: everything busy on it, minus the
+        # server processes and fio (with its job processes).  A noisy-neighbour indicator.
+        wall = win_b["t"] - win_a["t"]
+        hz = procs.CLK_TCK * wall
+        busy = win_b["busy"] - win_a["busy"]
+        server = sum(cpu[r].get("ticks_window") or 0 for r in cpu)
+        fio_t = sum((win_b["fio"].get(p) or 0) - (win_a["fio"].get(p) or 0)
+                    for p in win_a["fio"] if win_a["fio"][p] is not None)
+        res["machine"] = {"busy_cpus": busy / hz, "server_cpus": server / hz,
+                          "fio_cpus": fio_t / hz,
+                          "other_cpus": max(0.0, busy - server - fio_t) / hz,
+                          "steal_cpus": (win_b["steal"] - win_a["steal"]) / hz}
     res["rss_kib"] = {r: {"sampled_peak": peak[r] or None, "vmhwm": hwm[r]} for r in pids}
     res["ok"] = True
     return res
