@@ -7,7 +7,6 @@ completions on a thread that blocks in ``read(call_fd)`` without the GIL.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -243,12 +242,9 @@ class QueueRunner:
         self._barrier()
         if self.vq.needs_kick():
             self.stats.kicks += 1
-            if _KICK_RELEASES_GIL:
-                try:
-                    os.eventfd_write(self.kick_fd, 1)
-                except OSError:
-                    pass
-            elif _write_nogil_release(self.kick_fd, _ONE, 8) < 0:
+            try:
+                os.eventfd_write(self.kick_fd, 1)
+            except OSError:
                 pass  # session being torn down: the requests will be resubmitted or failed
 
     # --- completion ------------------------------------------------------------------------
@@ -304,8 +300,11 @@ class QueueRunner:
             if remaining <= 0:
                 return
             poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
-            _read_nogil_release(call_fd, _SCRATCH, 8)  # clear the eventfd (non-blocking)
-            self.stats.calls += 1
+            try:
+                os.eventfd_read(call_fd)  # clear it (non-blocking fd)
+                self.stats.calls += 1
+            except OSError:
+                pass
 
     def _leave_reaper(self) -> None:
         with self.lock:
@@ -362,17 +361,3 @@ class QueueRunner:
         if broken:
             log.error("vblk: device broke the ring protocol: %s", broken)
         return broken
-
-
-# Tiny eventfd syscalls made while holding the GIL: releasing it for a few microseconds would
-# invite a switch to another thread and a wait to get it back (PyDLL does not release it).
-_libc = ctypes.PyDLL(None, use_errno=True)
-_write_nogil_release = _libc.write
-_write_nogil_release.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_write_nogil_release.restype = ctypes.c_ssize_t
-_read_nogil_release = _libc.read
-_read_nogil_release.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_read_nogil_release.restype = ctypes.c_ssize_t
-_KICK_RELEASES_GIL = os.environ.get('VBLK_KICK_GIL') == '1'
-_ONE = ctypes.byref(ctypes.c_uint64(1))
-_SCRATCH = ctypes.byref(ctypes.c_uint64(0))
