@@ -521,7 +521,12 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "read", False)
         if len(mv):
-            self._transfer(mv, offset, True)
+            try:
+                self._transfer(mv, offset, True)
+            except ValueError:
+                if self._region is None:  # closed under our feet: the memory view is gone
+                    raise RequestError("the device was closed", errno.EIO) from None
+                raise
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; with ``fua`` it is on stable storage on return.
@@ -531,7 +536,12 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "write", True)
         if len(mv):
-            self._transfer(mv, offset, False)
+            try:
+                self._transfer(mv, offset, False)
+            except ValueError:
+                if self._region is None:
+                    raise RequestError("the device was closed", errno.EIO) from None
+                raise
         if fua:
             self.flush()
 

@@ -2,8 +2,9 @@
 
 A ``BlockRequest`` keeps everything needed to build its descriptor chain again (type, sector,
 where its data lives), outside the rings, so a request can be resubmitted on a new session.
-A ``QueueRunner`` owns one Virtqueue: it publishes requests, kicks the device, and harvests
-completions on a thread that blocks in ``read(call_fd)`` without the GIL.
+A ``QueueRunner`` owns one Virtqueue: it publishes requests, kicks the device, and lets the
+waiting threads harvest completions themselves (one reaper at a time sleeps in poll() on the
+call eventfd without the GIL).
 """
 from __future__ import annotations
 
