@@ -279,11 +279,15 @@ class QueueRunner:
                     return False
                 continue
             remaining = deadline - time.monotonic()
-            woke = remaining > 0 and req.done.acquire(timeout=remaining)
+            if remaining <= 0:
+                with lock:
+                    self.waiters.discard(req)
+                return req.finished
+            # Wake at least once a second to re-check: a lost hand-over of the reaper role
+            # then costs a second, never the whole request timeout.
+            req.done.acquire(timeout=min(remaining, 1.0))
             with lock:
                 self.waiters.discard(req)
-            if not woke:
-                return req.finished
         return True
 
     def _reap_until(self, req: BlockRequest, deadline: float) -> None:
