@@ -56,9 +56,10 @@ _log.propagate = False
 
 
 def _fail(e):
-    """Pass a vblk_core error to the client with its errno, then re-raise it."""
+    """Pass a vblk_core error to the client with its errno; nbdkit logs the message."""
     nbdkit.set_error(getattr(e, "errno", errno.EIO) or errno.EIO)
-    raise e
+    # A fresh exception without the driver's frames keeps nbdkit's log to the message.
+    raise RuntimeError(f"vblk: {e}") from None
 
 
 def config_help():
