@@ -300,9 +300,9 @@ def chart(path, meta, summary, servers, workloads):
         ax.set_yticks(ys, servers, fontsize=8)
         ax.set_title("%s (%s)" % (w.label, w.unit), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-        for y, m in zip(ys, med):
+        for y, m, h in zip(ys, med, hi):
             if m:
-                ax.text(m, y, " " + fmt_val(m, w.unit), va="center", fontsize=7)
+                ax.text(m + h, y, " " + fmt_val(m, w.unit), va="center", fontsize=7)
         ax.margins(x=0.18)
     for i, w in enumerate(workloads):
         ax = axes[nrows_w + i // ncols][i % ncols]
