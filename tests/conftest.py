@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from reliability_util import listening as _listening  # no connection: see its docstring
+
 QSD = shutil.which("qemu-storage-daemon") or "/usr/bin/qemu-storage-daemon"
 DEFAULT_SIZE = 64 << 20
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 _UNIX_PATH_MAX = 100  # sun_path is 108 bytes; stay clear of it
-_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a listening socket
 
 
 def pattern(length: int, seed: int = 0) -> bytes:
@@ -40,21 +41,6 @@ def pattern(length: int, seed: int = 0) -> bytes:
         tag = f"<{seed}:{pos}>".encode()
         out[pos:pos + n] = (tag * (512 // len(tag) + 1))[:n]
     return bytes(out)
-
-
-def _listening(path: str) -> bool:
-    """True if a unix socket bound to ``path`` is in the LISTEN state (no connection made:
-    the daemon serves one front-end at a time, so probing by connecting would disturb it)."""
-    try:
-        with open("/proc/net/unix") as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & _SO_ACCEPTCON:
-                    return True
-    except OSError:
-        return os.path.exists(path)
-    return False
 
 
 class QsdDaemon:

@@ -513,6 +513,14 @@ class BlockDevice:
         if first_error is not None:
             raise first_error
 
+    def _transfer_checked(self, mv: memoryview, offset: int, is_read: bool) -> None:
+        try:
+            self._transfer(mv, offset, is_read)
+        except ValueError:
+            if self._region is None:  # closed under our feet: the memory view is gone
+                raise RequestError("the device was closed", errno.EIO) from None
+            raise
+
     def pread(self, buf, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``.
 
@@ -521,12 +529,7 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "read", False)
         if len(mv):
-            try:
-                self._transfer(mv, offset, True)
-            except ValueError:
-                if self._region is None:  # closed under our feet: the memory view is gone
-                    raise RequestError("the device was closed", errno.EIO) from None
-                raise
+            self._transfer_checked(mv, offset, True)
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; with ``fua`` it is on stable storage on return.
@@ -536,12 +539,7 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "write", True)
         if len(mv):
-            try:
-                self._transfer(mv, offset, False)
-            except ValueError:
-                if self._region is None:
-                    raise RequestError("the device was closed", errno.EIO) from None
-                raise
+            self._transfer_checked(mv, offset, False)
         if fua:
             self.flush()
 
