@@ -355,7 +355,7 @@ class BlockDevice:
             while self._state is DeviceState.RECOVERING:
                 try:
                     self._reconnect()
-                except VblkError as e:
+                except Exception as e:  # noqa: BLE001 - any failure: retry, then give up
                     failure = f"{reason}; reconnecting failed: {e}"
                     if getattr(e, "final", False) or time.monotonic() + delay > deadline:
                         break
