@@ -18,6 +18,14 @@ Anything the *driver* does wrong (a message the spec forbids, a descriptor outsi
 memory, a queue index out of range) is recorded in ``violations``, so a test of a healthy device
 also checks the driver.
 
+    fake = FakeVhostUserBlk(tmp_path / "vu.sock", bytearray(4 << 20), num_queues=2).start()
+    dev = vblk_core.BlockDevice(fake.path, ...)
+    ...
+    dev.close(); fake.stop()
+
+Other knobs: ``read_only`` (offer VIRTIO_BLK_F_RO), ``signal_always`` (signal the call eventfd
+after every batch, ignoring used_event / NO_INTERRUPT: spurious calls, as the daemon makes).
+
 Faults (constructor keywords; each fake counts what it injected in ``injected`` and the module
 counts them all in ``INJECTED``):
 
@@ -27,7 +35,8 @@ control plane
     bad_reply=(REQ, how) answer request REQ (a ``Req``) malformed; how is "code" (another
                          request number), "flags" (no REPLY bit), "version" (version 2),
                          "short" (a 4-byte payload where 8 are due), "huge" (size 0xfffffff0),
-                         "truncated" (size 8, only 4 bytes sent, then silence), "nack" (ack 1)
+                         "truncated" (size 8, only 4 bytes sent, then silence for good),
+                         "nack" (ack 1)
     features=...         the offered feature bits (e.g. without VERSION_1)
     protocol_features=.. the offered protocol features
     queue_num=N          the GET_QUEUE_NUM answer (default num_queues)
@@ -36,6 +45,8 @@ control plane
                          "wrong_offset", "oversize" (more bytes than asked)
     unsolicited_after_handshake  send a stray message once the last ring is enabled
     close_after_handshake        close the connection once the last ring is enabled
+                         ("the last ring": expect_queues rings, default min(num_queues, 4),
+                         what BlockDevice enables by default; ``handshake_done`` is set then)
 
 data plane (``io_fault`` is injected io_fault_count times (None: forever), starting with the
 first request it applies to whose number, counted from 0 over the fake's lifetime and all its
@@ -377,7 +388,7 @@ class FakeVhostUserBlk:
             try:
                 if self._conn is None:
                     conn, _ = self._listen.accept()
-                    conn.setblocking(True)
+                    conn.settimeout(2.0)  # a message cut short must not block stop()
                     self._conn = conn
                     self.connections += 1
                     self.messages.append([])

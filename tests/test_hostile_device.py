@@ -19,6 +19,7 @@ import errno
 import itertools
 import os
 import re
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -36,8 +37,9 @@ from vblk_core import (BlockDevice, ConfigError, ConnectError, ControlTimeout, D
 CONTROL_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 1.0
 SLACK = 5.0                 # "no hang": bounded by the configured timeout + this
-FAST = 0.5                  # a request on a FAILED device must fail at least this fast
+FAST = 0.5                  # a request on a FAILED device must fail within this
 CLOSE_BOUND = 2.0           # close() must return within this
+TEST_DEADLINE = 40.0        # no test may run longer (the longest bound below is 30 s)
 DISK_SIZE = 4 << 20
 PREFILL = 0xEE              # the caller's buffer before a read: never a disk byte (see pattern)
 
@@ -87,18 +89,30 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _hung(signum, frame):
+    pytest.fail(f"the test was still running after {TEST_DEADLINE:g}s: something hangs")
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
-    """No driver, fake or test thread and no file descriptor survives a test."""
-    before = set(_our_threads())        # (a stuck thread of an earlier failure is its own)
-    fds = _fd_count()
-    yield
+    """No driver, fake or test thread and no file descriptor survives a test, and no test
+    (set-up and teardown included) runs longer than TEST_DEADLINE: a hang fails the test (a
+    SIGALRM interrupts the main thread's wait) instead of stalling the whole run."""
+    old_handler = signal.signal(signal.SIGALRM, _hung)
+    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
+    try:
+        before = set(_our_threads())        # (a stuck thread of an earlier failure is its own)
+        fds = _fd_count()
+        yield
 
-    def new_threads():
-        return [t for t in _our_threads() if t not in before]
+        def new_threads():
+            return [t for t in _our_threads() if t not in before]
 
-    assert wait_for(lambda: not new_threads(), 5), f"threads left behind: {new_threads()}"
-    assert wait_for(lambda: _fd_count() <= fds, 2), f"fds leaked: {fds} -> {_fd_count()}"
+        assert wait_for(lambda: not new_threads(), 5), f"threads left behind: {new_threads()}"
+        assert wait_for(lambda: _fd_count() <= fds, 2), f"fds leaked: {fds} -> {_fd_count()}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
 
 
 @pytest.fixture
