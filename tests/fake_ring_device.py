@@ -401,8 +401,8 @@ class _FakeSession:
     def fileno(self) -> int:
         return self._rfd
 
-    def peer_closed(self) -> bool:
-        return self.closed
+    def peer_gone(self) -> str | None:
+        return "the back-end closed the vhost-user connection" if self.closed else None
 
     def close(self) -> None:
         if self.closed:

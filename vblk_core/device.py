@@ -317,8 +317,9 @@ class BlockDevice:
             events = poller.poll()
             if any(fd == stop_fd for fd, _ in events):
                 return
-            if session.peer_closed():
-                self._session_lost("the back-end closed the vhost-user connection", generation)
+            reason = session.peer_gone()
+            if reason:
+                self._session_lost(reason, generation)
                 return
 
     def _session_lost(self, reason: str, generation: int) -> None:

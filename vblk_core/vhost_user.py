@@ -121,6 +121,8 @@ class VhostUserSession:
         return self._sock.fileno()
 
     def _fail(self, exc: TransportError) -> TransportError:
+        if self.state is SessionState.CONNECTING and type(exc) is TransportError:
+            exc = ConnectError(f"vhost-user handshake with {self.path} failed: {exc}", exc.errno)
         self.close()
         return exc
 
@@ -275,15 +277,18 @@ class VhostUserSession:
         if self.state is SessionState.CONNECTING:
             self.state = SessionState.READY
 
-    def peer_closed(self) -> bool:
-        """True if the back-end closed the connection or sent something unsolicited."""
+    def peer_gone(self) -> str | None:
+        """Why the session is over, if it is: the back-end closed the connection, the socket
+        failed, or the back-end sent a message nobody asked for.  None while all is well."""
         try:
             data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-        return True  # EOF (b"") or an unsolicited message: either way the session is over
+            return None
+        except OSError as e:
+            return f"the vhost-user connection failed: {e.strerror or e}"
+        if not data:
+            return "the back-end closed the vhost-user connection"
+        return "the back-end sent an unsolicited vhost-user message"
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
