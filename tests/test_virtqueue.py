@@ -642,15 +642,21 @@ def test_broken_ring_reported_to_on_broken(env):
     assert not bad.finished
 
 
-def test_reap_after_detach_is_a_no_op(env):
+def test_detach_finishes_completed_and_returns_the_rest(env):
+    """What the device completed before the session ended is finished (not run again); what it
+    did not complete is returned for resubmission; reaping afterwards is a no-op."""
     e = env()
     e.runner.start()
-    req = BlockRequest(VIRTIO_BLK_T_FLUSH, 0)
-    e.put(req)
+    done = BlockRequest(VIRTIO_BLK_T_FLUSH, 0)
+    e.put(done)
     e.emu.serve_all()
-    assert e.runner.detach() == [req]
+    pending = BlockRequest(VIRTIO_BLK_T_FLUSH, 0)
+    e.put(pending)
+    assert e.runner.detach() == [pending]
+    assert done.finished and done.status == 0
+    assert not pending.finished
     assert e.runner.reap() is None
-    assert not req.finished
+    assert not pending.finished
     assert e.runner.try_publish(BlockRequest(VIRTIO_BLK_T_FLUSH, 0), GEN) is None
 
 

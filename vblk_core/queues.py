@@ -174,6 +174,11 @@ class QueueRunner:
                 os.eventfd_write(self.call_fd, 1)  # wake the reaper out of poll()
             # The reaper leaves within one poll() timeout; its fds must stay open until then.
             self._reaper_left.wait_for(lambda: not self.reaper_busy, 5.0)
+            # What the device completed before the session ended is done: finish it rather
+            # than run it again on the next session.
+            finished: list[BlockRequest] = []
+            self._harvest_locked(finished)
+            self._account_locked(finished)
             survivors = list(self.in_flight.values())
             self.in_flight.clear()
             self.stats.depth = 0
@@ -187,6 +192,8 @@ class QueueRunner:
             for req in self.waiters:
                 req.wake()  # let them see the new state (they loop, nothing is lost)
             self.space.notify_all()
+        for req in finished:
+            req.wake()
         return survivors
 
     # --- submission ------------------------------------------------------------------------
@@ -322,27 +329,47 @@ class QueueRunner:
                     other.wake()
                     break
 
+    def _harvest_locked(self, finished: list[BlockRequest]) -> str | None:
+        """Move the device's new used entries into ``finished`` (caller holds the lock).
+        Returns a reason if the device broke the ring protocol; entries before the bad one
+        are still finished."""
+        vq, in_flight, mem = self.vq, self.in_flight, self.vq.mem
+        broken = None
+        try:
+            entries = vq.harvest()
+        except DeviceError as e:
+            entries = e.completed
+            broken = f"queue {self.index}: {e}"
+        for head, written in entries:
+            req = in_flight.pop(head)
+            req.status = mem[vq.req_slot_offset(head) + STATUS_OFFSET]
+            req.written = written
+            req.finished = True
+            finished.append(req)
+        return broken
+
+    def _account_locked(self, finished: list[BlockRequest]) -> None:
+        stats = self.stats
+        stats.depth -= len(finished)
+        stats.requests += len(finished)
+        for req in finished:
+            if req.status != VIRTIO_BLK_S_OK or (
+                    req.type == VIRTIO_BLK_T_IN and req.written != req.data_len + 1):
+                stats.errors += 1
+            elif req.type != VIRTIO_BLK_T_GET_ID:
+                stats.bytes += req.data_len
+
     def reap(self) -> str | None:
         """Harvest completions and wake their waiters.  Returns a reason if the device broke
         the ring protocol (the session must then be torn down), else None."""
         finished: list[BlockRequest] = []
         broken = None
         with self.lock:
-            vq, in_flight, mem = self.vq, self.in_flight, self.vq.mem
             if self._stopping:
                 return None
+            vq = self.vq
             while True:
-                try:
-                    entries = vq.harvest()
-                except DeviceError as e:
-                    entries = e.completed
-                    broken = f"queue {self.index}: {e}"
-                for head, written in entries:
-                    req = in_flight.pop(head)
-                    req.status = mem[vq.req_slot_offset(head) + STATUS_OFFSET]
-                    req.written = written
-                    req.finished = True
-                    finished.append(req)
+                broken = self._harvest_locked(finished)
                 if broken:
                     break
                 vq.enable_interrupts()
@@ -350,15 +377,7 @@ class QueueRunner:
                 if not vq.has_used():
                     break
             if finished:
-                stats = self.stats
-                stats.depth -= len(finished)
-                stats.requests += len(finished)
-                for req in finished:
-                    if req.status != VIRTIO_BLK_S_OK or (
-                            req.type == VIRTIO_BLK_T_IN and req.written != req.data_len + 1):
-                        stats.errors += 1
-                    elif req.type != VIRTIO_BLK_T_GET_ID:
-                        stats.bytes += req.data_len
+                self._account_locked(finished)
                 if self.space._waiters:  # skip the call when no submitter waits for room
                     self.space.notify_all()
         for req in finished:
