@@ -70,18 +70,27 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def _config_error(e):
+    # nbdkit prints any exception a callback raises as a Python traceback.  A configuration
+    # mistake deserves one line naming the key and the fix; nothing has started yet (no
+    # socket, no threads, no daemon), so leaving at once is safe.
+    sys.stderr.write(f"nbdkit: python[vblk]: error: {e}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def config(key, value):
     try:
         cfg.set(key, value)
     except VblkError as e:
-        raise RuntimeError(str(e)) from None
+        _config_error(e)
 
 
 def config_complete():
     try:
         cfg.complete()
     except VblkError as e:
-        raise RuntimeError(str(e)) from None
+        _config_error(e)
 
 
 def after_fork():

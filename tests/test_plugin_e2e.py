@@ -642,6 +642,9 @@ def test_bad_configuration_fails_at_start(bad_config, workdir, params, expected)
     _touch(os.path.join(workdir, "empty.img"))
     out = bad_config(params)
     assert expected in out, f"expected {expected!r} in nbdkit's output:\n{out}"
+    if expected not in ("Too many queues requested: 8", "qemu-storage-daemon"):
+        # Caught while parsing the configuration: one line, not a Python traceback.
+        assert "Traceback" not in out, out
     left = qsd_processes(workdir)
     kill_procs(left)
     assert not left, f"qemu-storage-daemon left behind: {left}"
