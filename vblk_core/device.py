@@ -21,7 +21,7 @@ from .errors import ConfigError, RequestError, VblkError
 from .layout import VirtqueueLayout
 from .memory import PAGE_SIZE, BouncePool, SharedRegion
 from .queues import BlockRequest, QueueRunner
-from .vhost_user import MemoryRegion, VhostUserSession
+from .vhost_user import HandshakeResult, MemoryRegion, VhostUserSession
 from .virtio_blk import (CONFIG_SIZE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_F_DISCARD,
                          VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
                          VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD,
@@ -50,6 +50,17 @@ class DeviceIdentity:
     capacity: int
     block_size: int
     read_only: bool
+
+
+def _device_facts(result: HandshakeResult) -> tuple[BlockConfig, DeviceIdentity, int]:
+    """The validated config, the identity that must survive a reconnect, and how many
+    queues the device offers.  Raises DeviceError for a config that makes no sense."""
+    config = BlockConfig.parse(result.config, result.features)
+    identity = DeviceIdentity(config.capacity, config.block_size,
+                              bool(result.features >> VIRTIO_BLK_F_RO & 1))
+    queues = (min(result.num_queues, config.num_queues)
+              if result.features >> VIRTIO_BLK_F_MQ & 1 else 1)
+    return config, identity, queues
 
 
 class BlockDevice:
@@ -84,7 +95,7 @@ class BlockDevice:
         self._recovery_thread: threading.Thread | None = None
 
         try:
-            layout = VirtqueueLayout.new(1, queue_size, VirtioBlkReqSlot)
+            VirtqueueLayout.new(1, queue_size, VirtioBlkReqSlot)  # validates queue_size
         except ValueError:
             raise ConfigError(f"queue size {queue_size} is invalid: use a power of two from 4 "
                               "to 32768 (default 256)") from None
@@ -111,12 +122,7 @@ class BlockDevice:
                               queue_size: int, bounce_buffers: int, bounce_buffer_size: int) -> None:
         result = session.handshake(DRIVER_FEATURES, CONFIG_SIZE)
         self.features = result.features
-        self.config = BlockConfig.parse(result.config, result.features)
-        device_queues = result.num_queues
-        if self.features >> VIRTIO_BLK_F_MQ & 1:
-            device_queues = min(device_queues, self.config.num_queues)
-        else:
-            device_queues = 1
+        self.config, self.identity, device_queues = _device_facts(result)
         self.device_queues = device_queues
         if num_queues is None:
             num_queues = min(device_queues, DEFAULT_MAX_QUEUES)
@@ -129,9 +135,7 @@ class BlockDevice:
                               "(qemu-storage-daemon: num-queues= in --export)")
         self.num_queues = num_queues
         self.queue_size = queue_size
-        self.read_only = bool(self.features >> VIRTIO_BLK_F_RO & 1)
-        self.identity = DeviceIdentity(self.config.capacity, self.config.block_size,
-                                       self.read_only)
+        self.read_only = self.identity.read_only
         self.layout = VirtqueueLayout.new(num_queues, queue_size, VirtioBlkReqSlot)
 
         # One contiguous allocation: all queues, then the bounce pool, one memfd.
@@ -202,17 +206,20 @@ class BlockDevice:
     def can_flush(self) -> bool:
         return bool(self.features >> VIRTIO_BLK_F_FLUSH & 1)
 
+    def _offers_ranged(self, feature: int, max_sectors: int) -> bool:
+        # A limit below one block could not carry a single aligned request: treat as absent.
+        return (bool(self.features >> feature & 1) and not self.read_only
+                and max_sectors * SECTOR_SIZE >= self.config.block_size)
+
     @property
     def can_discard(self) -> bool:
-        # A limit below one block could not carry a single aligned request: treat as absent.
-        return (bool(self.features >> VIRTIO_BLK_F_DISCARD & 1) and not self.read_only
-                and self.config.max_discard_sectors * SECTOR_SIZE >= self.config.block_size)
+        return self._offers_ranged(VIRTIO_BLK_F_DISCARD, self.config.max_discard_sectors)
 
     @property
     def can_write_zeroes(self) -> bool:
         """True if the device zeroes natively (so a "fast zero" is honest)."""
-        return (bool(self.features >> VIRTIO_BLK_F_WRITE_ZEROES & 1) and not self.read_only
-                and self.config.max_write_zeroes_sectors * SECTOR_SIZE >= self.config.block_size)
+        return self._offers_ranged(VIRTIO_BLK_F_WRITE_ZEROES,
+                                   self.config.max_write_zeroes_sectors)
 
     def stats(self) -> dict:
         """Per-queue counters and totals (a snapshot; counters are monotonic)."""
@@ -238,12 +245,11 @@ class BlockDevice:
             self._affinity[ident] = q
         return q
 
-    def _submit(self, req: BlockRequest, q: QueueRunner | None = None) -> None:
+    def _submit(self, req: BlockRequest) -> None:
         """Publish ``req`` on a queue (waiting for room or for a reconnect).  Raises
         RequestError(EIO) if the device has failed or is closed."""
-        if q is None:
-            q = self._pick_queue()
-            req.seq = next(self._seq)
+        q = self._pick_queue()
+        req.seq = next(self._seq)
         stalled = None  # (completions seen, since when) while the ring is full
         while True:
             state = self._state
@@ -393,10 +399,7 @@ class BlockDevice:
         session = VhostUserSession(self.socket_path, self.control_timeout)
         try:
             result = session.handshake(DRIVER_FEATURES, CONFIG_SIZE)
-            config = BlockConfig.parse(result.config, result.features)
-            identity = DeviceIdentity(config.capacity, config.block_size,
-                                      bool(result.features >> VIRTIO_BLK_F_RO & 1))
-            queues = result.num_queues if result.features >> VIRTIO_BLK_F_MQ & 1 else 1
+            _config, identity, queues = _device_facts(result)
             changed = None
             if identity != self.identity:
                 changed = f"the device changed: was {self.identity}, now {identity}"
@@ -447,20 +450,17 @@ class BlockDevice:
         if region is None:  # closed (or failed before set-up)
             raise RequestError(self._unavailable_reason(), errno.EIO)
         pool, region_view = self.bounce_pool, region.view
-        base = region.base_addr
         step = self.max_transfer
         total = len(mv)
         if total <= step:
             # Fast path: one request, one bounce buffer.
-            index = pool.try_acquire()
-            if index is None:
-                index = pool.acquire(self.request_timeout)
+            index = pool.acquire(self.request_timeout)  # tries the lock-free path first
             try:
                 boff = pool.offset_of(index)
                 if not is_read:
                     region_view[boff:boff + total] = mv
                 req = BlockRequest(VIRTIO_BLK_T_IN if is_read else VIRTIO_BLK_T_OUT,
-                                   offset >> 9, base + boff, total, is_read)
+                                   offset // SECTOR_SIZE, pool.addr_of(index), total, is_read)
                 self._submit(req)
                 self._wait(req)
                 if is_read:
@@ -499,7 +499,8 @@ class BlockDevice:
                 if not is_read:
                     region_view[boff:boff + length] = mv[pos:pos + length]
                 req = BlockRequest(VIRTIO_BLK_T_IN if is_read else VIRTIO_BLK_T_OUT,
-                                   (offset + pos) // SECTOR_SIZE, base + boff, length, is_read)
+                                   (offset + pos) // SECTOR_SIZE, pool.addr_of(index), length,
+                                   is_read)
                 try:
                     self._submit(req)
                 except BaseException:
@@ -608,7 +609,7 @@ class BlockDevice:
         boff = self.bounce_pool.offset_of(index)
         try:
             self._region.view[boff:boff + VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
-            req = BlockRequest(VIRTIO_BLK_T_GET_ID, 0, self._region.base_addr + boff,
+            req = BlockRequest(VIRTIO_BLK_T_GET_ID, 0, self.bounce_pool.addr_of(index),
                                VIRTIO_BLK_ID_BYTES, True)
             self._run(req)
             written = min(max(req.written - 1, 0), VIRTIO_BLK_ID_BYTES)

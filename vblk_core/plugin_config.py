@@ -123,12 +123,16 @@ class PluginConfig:
                 raise ConfigError(f"socket={self.socket} is not a unix socket: point it at the "
                                   "vhost-user-blk back-end's socket")
         if self.image:
-            if not os.path.exists(self.image):
+            try:
+                st = os.stat(self.image)
+            except FileNotFoundError:
                 raise ConfigError(f"image={self.image} does not exist: create it first, e.g. "
-                                  f"truncate -s 1G {self.image}")
-            if not os.path.isfile(self.image) and not stat.S_ISBLK(os.stat(self.image).st_mode):
+                                  f"truncate -s 1G {self.image}") from None
+            except OSError as e:
+                raise ConfigError(f"image={self.image}: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
                 raise ConfigError(f"image={self.image} is not a regular file or block device")
-            if os.path.getsize(self.image) == 0 and stat.S_ISREG(os.stat(self.image).st_mode):
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
                 raise ConfigError(f"image={self.image} is empty: give it a size, e.g. "
                                   f"truncate -s 1G {self.image}")
         if self.stats:

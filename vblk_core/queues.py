@@ -202,7 +202,8 @@ class QueueRunner:
         """Publish ``req`` if there is room.  Caller holds ``self.lock``.
 
         Returns True if published, False if the ring is full, None if the queue belongs to
-        another session generation (the device is reconnecting).  Kicking is left to kick().
+        another session generation (the device is reconnecting).  Kicking is left to
+        kick_if_needed().
         """
         if self.generation != generation or self._stopping:
             return None
@@ -210,7 +211,7 @@ class QueueRunner:
         if vq.num_free < req.descriptor_count(self.size_max):
             return False
         head = vq._free_head
-        slot = vq.req_off + head * vq.req_size
+        slot = vq.req_slot_offset(head)
         slot_addr = vq.req_addr + head * vq.req_size
         mem = vq.mem
         HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)

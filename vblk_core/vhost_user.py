@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import os
 import socket
 import struct
 import threading

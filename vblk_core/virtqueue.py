@@ -17,7 +17,6 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
