@@ -1,13 +1,20 @@
-"""vblk_core: a pure-Python multi-queue virtio-blk driver over vhost-user.
+"""vblk_core: a pure-Python multi-queue virtio-blk driver.
 
-Layers, each only calling downward: layout -> memory -> virtqueue -> virtio_blk ->
-vhost_user (transport) -> queues/device (the multi-queue block device).
+Layers, each only calling downward: layout -> memory -> virtqueue -> virtio / virtio_blk ->
+transport (the interface; vhost_user implements it) -> device_info, queues, supervisor,
+device (the multi-queue block device).
 """
-from .device import BlockDevice, DeviceState
-from .errors import (ConfigError, ConnectError, ControlTimeout, DeviceError, ProtocolError,
-                     RequestError, TransportError, VblkError)
+from .device import BlockDevice
+from .device_info import DeviceIdentity, DeviceInfo, probe
+from .errors import (ConfigError, ConnectError, ControlTimeout, DeviceChanged, DeviceError,
+                     ProtocolError, RequestError, RingError, TransportError, VblkError)
 from .layout import VirtqueueLayout
+from .supervisor import DeviceState
+from .transport import Connector, Transport
+from .vhost_user import VhostUserConnector, VhostUserTransport
 
-__all__ = ["BlockDevice", "DeviceState", "VirtqueueLayout", "VblkError", "ConfigError",
-           "TransportError", "ConnectError", "ProtocolError", "ControlTimeout", "DeviceError",
+__all__ = ["BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
+           "Connector", "Transport", "VhostUserConnector", "VhostUserTransport",
+           "VirtqueueLayout", "VblkError", "ConfigError", "TransportError", "ConnectError",
+           "ProtocolError", "ControlTimeout", "DeviceError", "RingError", "DeviceChanged",
            "RequestError"]

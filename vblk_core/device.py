@@ -1,236 +1,254 @@
-"""The multi-queue virtio-blk block device: one vhost-user session, N virtqueues from one
-contiguous shared allocation, a bounce pool, thread-safe I/O, reconnect.
+"""The multi-queue virtio-blk block device: N virtqueues and a bounce pool in one contiguous
+shared allocation, over any Transport, safe to call from many threads.
 
-States:  CONNECTED --session lost--> RECOVERING --reconnected--> CONNECTED
-                                          \\--timeout / device changed--> FAILED
-         any --close()--> CLOSED
+This module sets the device up, dispatches requests to queues (with back-pressure and stall
+detection) and implements the I/O verbs; supervisor.py owns the session state machine (loss,
+recovery, reconnect), queues.py the per-queue machinery.
+
+    dev = BlockDevice.open(VhostUserConnector("/run/vhost.sock"), num_queues=4)
+    dev.pread(buf, 0); dev.pwrite(data, 4096, fua=True); dev.close()
 """
 from __future__ import annotations
 
-import enum
 import errno
 import itertools
-import logging
-import os
-import select
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-from .errors import ConfigError, RequestError, VblkError
+from .device_info import DeviceInfo, identify
+from .errors import ConfigError, DeviceChanged, DeviceError, RequestError
 from .layout import VirtqueueLayout
 from .memory import PAGE_SIZE, BouncePool, SharedRegion
 from .queues import BlockRequest, QueueRunner
-from .vhost_user import HandshakeResult, MemoryRegion, VhostUserSession
-from .virtio_blk import (CONFIG_SIZE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_F_DISCARD,
-                         VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
-                         VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD,
-                         VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-                         VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-                         VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VIRTIO_RING_F_EVENT_IDX,
-                         BlockConfig, VirtioBlkReqSlot)
+from .supervisor import DeviceState, Supervisor
+from .transport import Connector, MemoryMap, Transport
+from .virtio import VirtioFeature
+from .virtio_blk import (SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+                         BlkFeature, BlockConfig, RequestType, VirtioBlkReqSlot,
+                         queue_size_problem)
 from .virtqueue import Virtqueue
 
-log = logging.getLogger("vblk")
-
 DEFAULT_MAX_QUEUES = 4
-MAX_ATTEMPTS = 3          # a request is resubmitted after a session loss at most this often
-
-
-class DeviceState(enum.Enum):
-    CONNECTED = "connected"
-    RECOVERING = "recovering"
-    FAILED = "failed"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class DeviceIdentity:
-    """What must not change across a reconnect."""
-    capacity: int
-    block_size: int
-    read_only: bool
-
-
-def _device_facts(result: HandshakeResult) -> tuple[BlockConfig, DeviceIdentity, int]:
-    """The validated config, the identity that must survive a reconnect, and how many
-    queues the device offers.  Raises DeviceError for a config that makes no sense."""
-    config = BlockConfig.parse(result.config, result.features)
-    identity = DeviceIdentity(config.capacity, config.block_size,
-                              bool(result.features >> VIRTIO_BLK_F_RO & 1))
-    queues = (min(result.num_queues, config.num_queues)
-              if result.features >> VIRTIO_BLK_F_MQ & 1 else 1)
-    return config, identity, queues
 
 
 class BlockDevice:
-    """A virtio-blk device behind a vhost-user socket, safe to call from many threads.
+    """A virtio-blk device reached through ``connector``'s transports.
 
-    Raises ConnectError/TransportError if the back-end cannot be reached or set up,
-    ConfigError for parameters the device cannot satisfy (e.g. "Too many queues requested"),
-    DeviceError for a config that makes no sense.  I/O methods raise RequestError (with
+    Construction checks the parameters (ConfigError) and connects nothing; ``connect()`` (or
+    the ``open`` shorthand) makes the first session.  I/O methods raise RequestError (with
     ``errno``) or another VblkError.
     """
 
-    def __init__(self, socket_path: str, *, num_queues: int | None = None,
+    def __init__(self, connector: Connector, *, num_queues: int | None = None,
                  queue_size: int = 256, bounce_buffer_size: int = 1 << 20,
-                 bounce_buffers: int = 64, control_timeout: float = 5.0,
-                 request_timeout: float = 30.0, reconnect_timeout: float = 0.0) -> None:
-        self.socket_path = socket_path
-        self.control_timeout = control_timeout
+                 bounce_buffers: int = 64, request_timeout: float = 30.0,
+                 reconnect_timeout: float = 0.0) -> None:
+        problem = queue_size_problem(queue_size)
+        if problem:
+            raise ConfigError(f"queue size {queue_size} is invalid: {problem}")
+        if num_queues is not None and (not isinstance(num_queues, int) or num_queues < 1):
+            raise ConfigError(f"num-queues must be at least 1, not {num_queues}")
+        if bounce_buffer_size < 4096 or bounce_buffer_size % 4096:
+            raise ConfigError("bounce buffer size must be a multiple of 4096")
+        if bounce_buffers < 1:
+            raise ConfigError("at least one bounce buffer is needed")
+        self.connector = connector
+        self.target = connector.target
+        self.requested_queues = num_queues
+        self.queue_size = queue_size
+        self.bounce_buffer_size = bounce_buffer_size
+        self.bounce_buffers = bounce_buffers
         self.request_timeout = request_timeout
         self.reconnect_timeout = reconnect_timeout
-        self._state = DeviceState.RECOVERING
-        self._state_cond = threading.Condition(threading.Lock())
-        self._generation = 0
+        # What the device is: filled in by connect().
+        self.info: DeviceInfo | None = None
+        self.features = 0
+        self.capacity = 0
+        self.block_size = SECTOR_SIZE
+        self.read_only = True
+        self.device_queues = 0
+        self.num_queues = 0
+        self.max_transfer = 0
+        self.layout: VirtqueueLayout | None = None
+        # Memory and queues: allocated by connect(), freed by close().
+        self._region: SharedRegion | None = None
+        self._device_base: int | None = None
+        self._pool: BouncePool | None = None
+        self._queues: list[QueueRunner] = []
         self._seq = itertools.count()
         self._rr = itertools.count()
         self._affinity: dict[int, QueueRunner] = {}
-        self.failure: str | None = None
-        self.reconnects = 0
-        self._region: SharedRegion | None = None
-        self._monitor: threading.Thread | None = None
-        self._monitor_stop = -1
-        self._session: VhostUserSession | None = None
-        self._recovery_thread: threading.Thread | None = None
+        self._supervisor = Supervisor(connector, self, reconnect_timeout)
 
-        try:
-            VirtqueueLayout.new(1, queue_size, VirtioBlkReqSlot)  # validates queue_size
-        except ValueError:
-            raise ConfigError(f"queue size {queue_size} is invalid: use a power of two from 4 "
-                              "to 32768 (default 256)") from None
-        if queue_size < 4:
-            # A data request needs 3 descriptors (header, data, status): it would never fit.
-            raise ConfigError(f"queue size {queue_size} is too small: use a power of two from "
-                              "4 to 32768 (default 256)")
-        if bounce_buffer_size < 4096 or bounce_buffer_size % 4096:
-            raise ConfigError("bounce buffer size must be a multiple of 4096")
-        session = VhostUserSession(socket_path, control_timeout)
-        try:
-            self._setup_from_handshake(session, num_queues, queue_size, bounce_buffers,
-                                       bounce_buffer_size)
-            self._activate(session)
-        except BaseException:
-            session.close()
-            self._release_memory()
-            raise
-        self._state = DeviceState.CONNECTED
+    @classmethod
+    def open(cls, connector: Connector, **options: Any) -> BlockDevice:
+        """Construct and connect.  Raises ConfigError for bad options or a device that cannot
+        satisfy them, ConnectError/TransportError, DeviceError for a nonsensical config."""
+        device = cls(connector, **options)
+        device.connect()
+        return device
 
     # --- set-up ----------------------------------------------------------------------------
 
-    def _setup_from_handshake(self, session: VhostUserSession, num_queues: int | None,
-                              queue_size: int, bounce_buffers: int, bounce_buffer_size: int) -> None:
-        result = session.handshake(DRIVER_FEATURES, CONFIG_SIZE)
-        self.features = result.features
-        self.config, self.identity, device_queues = _device_facts(result)
-        self.device_queues = device_queues
-        if num_queues is None:
-            num_queues = min(device_queues, DEFAULT_MAX_QUEUES)
-        if not isinstance(num_queues, int) or num_queues < 1:
-            raise ConfigError(f"num-queues must be at least 1, not {num_queues}")
-        if num_queues > device_queues:
+    def connect(self) -> None:
+        """The first session: identify the device, allocate, set up every queue.  Raises as
+        ``open`` does; on failure nothing is left allocated."""
+        if self.state is not DeviceState.NEW:
+            raise RequestError(f"connect(): the device is {self.state.value}", errno.EINVAL)
+        transport = self.connector.connect()
+        try:
+            info = identify(transport)
+            self._allocate(info)
+            self._supervisor.begin(transport)
+        except BaseException:
+            transport.close()
+            self._release_memory()
+            raise
+
+    def _allocate(self, info: DeviceInfo) -> None:
+        config = info.config
+        num_queues = self.requested_queues or min(info.max_queues, DEFAULT_MAX_QUEUES)
+        if num_queues > info.max_queues:
             raise ConfigError(f"Too many queues requested: {num_queues}, but the device at "
-                              f"{self.socket_path} offers {device_queues}. Use num-queues="
-                              f"{device_queues} or less, or start the back-end with more "
+                              f"{self.target} offers {info.max_queues}. Use num-queues="
+                              f"{info.max_queues} or less, or give the device more queues "
                               "(qemu-storage-daemon: num-queues= in --export)")
+        self.info = info
+        self.features = info.features
+        self.capacity = config.capacity
+        self.block_size = config.block_size
+        self.read_only = info.read_only
+        self.device_queues = info.max_queues
         self.num_queues = num_queues
-        self.queue_size = queue_size
-        self.read_only = self.identity.read_only
-        self.layout = VirtqueueLayout.new(num_queues, queue_size, VirtioBlkReqSlot)
-
+        self.layout = layout = VirtqueueLayout.new(num_queues, self.queue_size, VirtioBlkReqSlot)
         # One contiguous allocation: all queues, then the bounce pool, one memfd.
-        queues_bytes = -(-self.layout.total_size // PAGE_SIZE) * PAGE_SIZE
-        self._region = SharedRegion(queues_bytes + bounce_buffers * bounce_buffer_size)
-        self.bounce_pool = BouncePool(self._region, queues_bytes, bounce_buffers,
-                                      bounce_buffer_size)
-        size_max = self.config.size_max
-        max_transfer = bounce_buffer_size
-        if size_max:
-            segs = min(self.config.seg_max, queue_size - 3)
-            max_transfer = min(max_transfer, size_max * segs // 4096 * 4096)
+        queues_bytes = -(-layout.total_size // PAGE_SIZE) * PAGE_SIZE
+        self._region = region = SharedRegion(
+            queues_bytes + self.bounce_buffers * self.bounce_buffer_size)
+        self._pool = BouncePool(region, queues_bytes, self.bounce_buffers,
+                                self.bounce_buffer_size)
+        max_transfer = self.bounce_buffer_size
+        if config.size_max:
+            segs = min(config.seg_max, self.queue_size - 3)
+            max_transfer = min(max_transfer, config.size_max * segs // 4096 * 4096)
         self.max_transfer = max_transfer
-        event_idx = bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        self._queues = []
-        for i in range(num_queues):
-            vq = Virtqueue(self._region.view, i * self.layout.end_offset, self.layout,
-                           self._region.base_addr, 8, event_idx)
-            self._queues.append(QueueRunner(i, vq, size_max, self._queue_broken))
+        event_idx = bool(info.features & VirtioFeature.EVENT_IDX)
+        self._queues = [
+            QueueRunner(i, Virtqueue(region.view, i * layout.end_offset, layout,
+                                     region.base_addr, 8, event_idx),
+                        config.size_max, self._queue_broken)
+            for i in range(num_queues)]
 
-    def _activate(self, session: VhostUserSession) -> None:
-        """Register memory and rings with ``session``, start threads, become CONNECTED."""
+    # --- the supervisor's side (SessionHost) -----------------------------------------------
+
+    def attach(self, transport: Transport, generation: int) -> None:
+        """Map the shared region and set every queue up on ``transport``, then start it."""
         region = self._region
-        session.set_mem_table([MemoryRegion(region.base_addr, region.size, region.base_addr,
-                                            0, region.fd)])
-        generation = self._generation + 1
+        if region is None or self._pool is None:
+            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
+        base = transport.map_memory(MemoryMap(region.fd, region.base_addr, region.size))
+        if self._device_base is None:
+            for q in self._queues:
+                q.vq.set_device_base(base)
+            self._pool.set_device_base(base)
+            self._device_base = base
+        elif base != self._device_base:
+            # Requests in flight carry device addresses of the old mapping.
+            raise DeviceError(f"{self.target} mapped the memory at {base:#x}, not at "
+                              f"{self._device_base:#x} as before")
         try:
             for q in self._queues:
-                call_fd, kick_fd = q.attach(generation)
-                vq = q.vq
-                session.setup_vring(q.index, self.queue_size, vq.desc_addr, vq.used_addr,
-                                    vq.avail_addr, call_fd, kick_fd)
+                q.attach(transport, generation)
+            transport.start()
         except BaseException:
             for q in self._queues:
                 q.detach()
             raise
-        session.mark_ready()
-        self._session = session
-        with self._state_cond:
-            self._generation = generation
-            for q in self._queues:
-                q.start()
-            self._monitor_stop = os.eventfd(0, os.EFD_CLOEXEC)
-            self._monitor = threading.Thread(target=self._monitor_loop,
-                                             args=(session, generation, self._monitor_stop),
-                                             name="vblk-monitor", daemon=True)
-            self._monitor.start()
+        for q in self._queues:
+            q.start()
+
+    def detach(self) -> list[BlockRequest]:
+        survivors: list[BlockRequest] = []
+        for q in self._queues:
+            survivors.extend(q.detach())
+        return survivors
+
+    def check_same_device(self, info: DeviceInfo) -> None:
+        assert self.info is not None
+        if info.identity != self.info.identity:
+            raise DeviceChanged("its identity", self.info.identity, info.identity)
+        if info.features != self.features:
+            raise DeviceChanged("the negotiated features", hex(self.features),
+                                hex(info.features))
+        if info.max_queues < self.num_queues:
+            raise DeviceChanged("the number of queues it offers", self.num_queues,
+                                info.max_queues)
+
+    def resubmit(self, req: BlockRequest) -> None:
+        q = req.queue or self._queues[0]
+        if not q.submit(req, self._supervisor.generation):
+            req.fail(RequestError("could not resubmit a request after reconnecting", errno.EIO))
+
+    def _queue_broken(self, reason: str, generation: int) -> None:
+        self._supervisor.lost(f"device broke the virtqueue protocol ({reason})", generation)
 
     # --- properties ------------------------------------------------------------------------
 
     @property
     def state(self) -> DeviceState:
-        return self._state
+        return self._supervisor.state
 
     @property
-    def capacity(self) -> int:
-        return self.config.capacity
+    def failure(self) -> str | None:
+        return self._supervisor.failure
 
     @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    def reconnects(self) -> int:
+        return self._supervisor.reconnects
+
+    @property
+    def config(self) -> BlockConfig:
+        if self.info is None:
+            raise RequestError("the device is not connected", errno.EIO)
+        return self.info.config
 
     @property
     def optimal_io_size(self) -> int:
-        return max(self.config.opt_io_size, self.config.block_size)
+        return max(self.config.opt_io_size, self.block_size)
 
     @property
     def can_flush(self) -> bool:
-        return bool(self.features >> VIRTIO_BLK_F_FLUSH & 1)
+        return bool(self.features & BlkFeature.FLUSH)
 
-    def _offers_ranged(self, feature: int, max_sectors: int) -> bool:
+    def _offers_ranged(self, feature: BlkFeature, max_sectors: int) -> bool:
         # A limit below one block could not carry a single aligned request: treat as absent.
-        return (bool(self.features >> feature & 1) and not self.read_only
-                and max_sectors * SECTOR_SIZE >= self.config.block_size)
+        return (bool(self.features & feature) and not self.read_only
+                and max_sectors * SECTOR_SIZE >= self.block_size)
 
     @property
     def can_discard(self) -> bool:
-        return self._offers_ranged(VIRTIO_BLK_F_DISCARD, self.config.max_discard_sectors)
+        return self._offers_ranged(BlkFeature.DISCARD, self.config.max_discard_sectors)
 
     @property
     def can_write_zeroes(self) -> bool:
         """True if the device zeroes natively (so a "fast zero" is honest)."""
-        return self._offers_ranged(VIRTIO_BLK_F_WRITE_ZEROES,
+        return self._offers_ranged(BlkFeature.WRITE_ZEROES,
                                    self.config.max_write_zeroes_sectors)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Per-queue counters and totals (a snapshot; counters are monotonic)."""
         queues = [q.stats.as_dict(q.index) for q in self._queues]
         totals = {k: sum(q[k] for q in queues)
                   for k in ("requests", "bytes", "errors", "kicks", "calls", "in_flight")}
         totals["max_depth"] = max((q["max_depth"] for q in queues), default=0)
-        return {"queues": queues, "totals": totals, "state": self._state.value,
+        pool = self._pool
+        return {"queues": queues, "totals": totals, "state": self.state.value,
                 "reconnects": self.reconnects, "failure": self.failure,
-                "bounce_buffers_in_use": self.bounce_pool.in_use,
-                "bounce_buffers_high_water": self.bounce_pool.high_water}
+                "bounce_buffers_in_use": pool.in_use if pool else 0,
+                "bounce_buffers_high_water": pool.high_water if pool else 0}
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -248,18 +266,18 @@ class BlockDevice:
     def _submit(self, req: BlockRequest) -> None:
         """Publish ``req`` on a queue (waiting for room or for a reconnect).  Raises
         RequestError(EIO) if the device has failed or is closed."""
-        q = self._pick_queue()
+        supervisor = self._supervisor
         req.seq = next(self._seq)
-        stalled = None  # (completions seen, since when) while the ring is full
+        q: QueueRunner | None = None
+        stalled: tuple[int, float] | None = None  # (completions seen, since when), ring full
         while True:
-            state = self._state
+            state = supervisor.state
             if state is DeviceState.CONNECTED:
-                generation = self._generation
-                with q.lock:
-                    published = q.try_publish(req, generation)
-                    if published:
-                        q.kick_if_needed()
-                        return
+                q = q or self._pick_queue()
+                generation = supervisor.generation
+                published = q.submit(req, generation)
+                if published:
+                    return
                 if published is False:
                     # Ring full: reap what is done (a waiter may not be reaping right now).
                     broken = q.reap()
@@ -271,25 +289,16 @@ class BlockDevice:
                     elif now - stalled[1] >= self.request_timeout:
                         # Nothing completed for request_timeout: the device sits on the ring,
                         # and the requests in it may be our own (nobody else would notice).
-                        self._session_lost(f"queue {q.index} stayed full with no completion "
-                                           f"for {self.request_timeout:g}s", generation)
+                        supervisor.lost(f"queue {q.index} stayed full with no completion "
+                                        f"for {self.request_timeout:g}s", generation)
                         stalled = None
                     else:
-                        with q.lock:
-                            if q.vq.num_free < req.descriptor_count(q.size_max):
-                                q.space.wait(0.002)
-                    continue
-            elif state is DeviceState.RECOVERING:
-                with self._state_cond:
-                    self._state_cond.wait_for(
-                        lambda: self._state is not DeviceState.RECOVERING, self.request_timeout)
+                        q.wait_for_space(req, 0.002)
                 continue
-            raise RequestError(self._unavailable_reason(), errno.EIO)
-
-    def _unavailable_reason(self) -> str:
-        if self._state is DeviceState.CLOSED:
-            return "the device is closed"
-        return f"the device has failed: {self.failure}"
+            if state is DeviceState.RECOVERING:
+                supervisor.wait_while_recovering(self.request_timeout)
+                continue
+            raise RequestError(supervisor.unavailable_reason(), errno.EIO)
 
     def _wait(self, req: BlockRequest) -> None:
         """Wait for ``req`` (without the GIL).  A request the device sits on for longer than
@@ -301,7 +310,7 @@ class BlockDevice:
             if q is None:
                 req.done.acquire(timeout=self.request_timeout)
             elif not req.finished:
-                self._session_lost(
+                self._supervisor.lost(
                     f"a request did not complete within {self.request_timeout:g}s",
                     req.generation)
         req.check()
@@ -310,146 +319,40 @@ class BlockDevice:
         self._submit(req)
         self._wait(req)
 
-    # --- session loss and recovery ---------------------------------------------------------
-
-    def _queue_broken(self, reason: str, generation: int) -> None:
-        self._session_lost(f"device broke the virtqueue protocol ({reason})", generation)
-
-    def _monitor_loop(self, session: VhostUserSession, generation: int, stop_fd: int) -> None:
-        poller = select.poll()
-        poller.register(session.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-        poller.register(stop_fd, select.POLLIN)
-        while True:
-            events = poller.poll()
-            if any(fd == stop_fd for fd, _ in events):
-                return
-            reason = session.peer_gone()
-            if reason:
-                self._session_lost(reason, generation)
-                return
-
-    def _session_lost(self, reason: str, generation: int) -> None:
-        with self._state_cond:
-            if self._state is not DeviceState.CONNECTED or generation != self._generation:
-                return
-            self._state = DeviceState.RECOVERING
-        log.warning("vblk: session to %s lost: %s", self.socket_path, reason)
-        self._recovery_thread = threading.Thread(target=self._recover, args=(reason,),
-                                                 name="vblk-recover", daemon=True)
-        self._recovery_thread.start()
-
-    def _stop_session(self) -> list[BlockRequest]:
-        if self._session is not None:
-            self._session.close()
-        if self._monitor_stop >= 0:
-            os.eventfd_write(self._monitor_stop, 1)
-            if self._monitor is not None and self._monitor is not threading.current_thread():
-                self._monitor.join()
-            os.close(self._monitor_stop)
-            self._monitor_stop = -1
-        survivors: list[BlockRequest] = []
-        for q in self._queues:
-            survivors.extend(q.detach())
-        survivors.sort(key=lambda r: r.seq)
-        return survivors
-
-    def _recover(self, reason: str) -> None:
-        survivors = self._stop_session()
-        failure = reason
-        if self.reconnect_timeout > 0:
-            deadline = time.monotonic() + self.reconnect_timeout
-            delay = 0.05
-            while self._state is DeviceState.RECOVERING:
-                try:
-                    self._reconnect()
-                except Exception as e:  # noqa: BLE001 - any failure: retry, then give up
-                    failure = f"{reason}; reconnecting failed: {e}"
-                    if getattr(e, "final", False) or time.monotonic() + delay > deadline:
-                        break
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-                    continue
-                self.reconnects += 1
-                log.warning("vblk: reconnected to %s, resubmitting %d request(s)",
-                            self.socket_path, len(survivors))
-                for req in survivors:
-                    req.attempts += 1
-                    if req.attempts > MAX_ATTEMPTS:
-                        req.fail(RequestError(f"request lost {req.attempts} sessions in a row "
-                                              f"(last: {reason})", errno.EIO))
-                        continue
-                    self._resubmit(req)
-                with self._state_cond:
-                    if self._state is DeviceState.RECOVERING:
-                        self._state = DeviceState.CONNECTED
-                    self._state_cond.notify_all()
-                for req in survivors:
-                    req.wake()  # their waiters re-check, and one of them becomes the reaper
-                return
-        with self._state_cond:
-            if self._state is DeviceState.RECOVERING:
-                self._state = DeviceState.FAILED
-            self.failure = failure
-            self._state_cond.notify_all()
-        log.error("vblk: device %s failed: %s", self.socket_path, failure)
-        for req in survivors:
-            req.fail(RequestError(f"device lost: {failure}", errno.EIO))
-
-    def _reconnect(self) -> None:
-        session = VhostUserSession(self.socket_path, self.control_timeout)
-        try:
-            result = session.handshake(DRIVER_FEATURES, CONFIG_SIZE)
-            _config, identity, queues = _device_facts(result)
-            changed = None
-            if identity != self.identity:
-                changed = f"the device changed: was {self.identity}, now {identity}"
-            elif result.features != self.features:
-                changed = (f"the device now negotiates features {result.features:#x} instead "
-                           f"of {self.features:#x}")
-            elif queues < self.num_queues:
-                changed = f"the device now offers {queues} queues, we use {self.num_queues}"
-            if changed:
-                err = VblkError(changed)
-                err.final = True
-                raise err
-            self._activate(session)
-        except BaseException:
-            session.close()
-            raise
-
-    def _resubmit(self, req: BlockRequest) -> None:
-        q = req.queue or self._queues[0]
-        with q.lock:
-            if not q.try_publish(req, self._generation):
-                req.fail(RequestError("could not resubmit a request after reconnecting",
-                                      errno.EIO))
-                return
-            q.kick_if_needed()
-
     # --- checks ----------------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int, what: str, write: bool) -> None:
+        if self._region is None:
+            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
         if write and self.read_only:
             raise RequestError(f"{what}: the device is read-only", errno.EROFS)
-        bs = self.config.block_size
+        bs = self.block_size
         if offset < 0 or length < 0:
             raise RequestError(f"{what}: negative offset or length", errno.EINVAL)
         if offset % bs or length % bs:
             raise RequestError(f"{what}: offset {offset} and length {length} must be multiples "
                                f"of the device block size {bs}", errno.EINVAL)
-        if offset + length > self.config.capacity:
+        if offset + length > self.capacity:
             raise RequestError(f"{what}: {length} bytes at {offset} go past the end of the "
-                               f"device ({self.config.capacity} bytes)", errno.EIO)
+                               f"device ({self.capacity} bytes)", errno.EIO)
 
     # --- data transfer ---------------------------------------------------------------------
 
     def _transfer(self, mv: memoryview, offset: int, is_read: bool) -> None:
-        """Move ``mv`` to/from the device in bounce-buffer-sized requests, several in flight.
-        Waits for every request it started, even after an error, before raising the first."""
-        region = self._region
-        if region is None:  # closed (or failed before set-up)
-            raise RequestError(self._unavailable_reason(), errno.EIO)
-        pool, region_view = self.bounce_pool, region.view
+        """Move ``mv`` to/from the device in bounce-buffer-sized requests, several in flight."""
+        try:
+            self._move(mv, offset, is_read)
+        except ValueError:
+            if self._region is None:  # closed under our feet: the memory view is gone
+                raise RequestError("the device was closed", errno.EIO) from None
+            raise
+
+    def _move(self, mv: memoryview, offset: int, is_read: bool) -> None:
+        region, pool = self._region, self._pool
+        if region is None or pool is None:  # closed (or never connected)
+            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
+        region_view = region.view
+        req_type = RequestType.IN if is_read else RequestType.OUT
         step = self.max_transfer
         total = len(mv)
         if total <= step:
@@ -459,71 +362,37 @@ class BlockDevice:
                 boff = pool.offset_of(index)
                 if not is_read:
                     region_view[boff:boff + total] = mv
-                req = BlockRequest(VIRTIO_BLK_T_IN if is_read else VIRTIO_BLK_T_OUT,
-                                   offset // SECTOR_SIZE, pool.addr_of(index), total, is_read)
-                self._submit(req)
-                self._wait(req)
+                req = BlockRequest(req_type, offset // SECTOR_SIZE, pool.addr_of(index), total,
+                                   is_read)
+                self._run(req)
                 if is_read:
                     mv[:] = region_view[boff:boff + total]
             finally:
                 pool.release(index)
             return
-        pending: list[tuple[BlockRequest, int, int, int]] = []
-        first_error: BaseException | None = None
-
-        def finish(entry: tuple[BlockRequest, int, int, int]) -> None:
-            nonlocal first_error
-            req, index, pos, boff = entry
-            try:
-                self._wait(req)
-                if is_read and first_error is None:
-                    mv[pos:pos + req.data_len] = region_view[boff:boff + req.data_len]
-            except BaseException as e:
-                if first_error is None:
-                    first_error = e
-            finally:
-                pool.release(index)
-
-        try:
-            for pos in range(0, total, step):
-                if first_error is not None:
-                    break
-                length = min(step, total - pos)
+        batch = _Batch(self)
+        for pos in range(0, total, step):
+            if batch.error is not None:
+                break
+            length = min(step, total - pos)
+            index = pool.try_acquire()
+            while index is None and batch.finish_oldest():
                 index = pool.try_acquire()
-                while index is None and pending:
-                    finish(pending.pop(0))
-                    index = pool.try_acquire()
-                if index is None:
-                    index = pool.acquire(self.request_timeout)
-                boff = pool.offset_of(index)
-                if not is_read:
-                    region_view[boff:boff + length] = mv[pos:pos + length]
-                req = BlockRequest(VIRTIO_BLK_T_IN if is_read else VIRTIO_BLK_T_OUT,
-                                   (offset + pos) // SECTOR_SIZE, pool.addr_of(index), length,
-                                   is_read)
+            if index is None:
                 try:
-                    self._submit(req)
-                except BaseException:
-                    pool.release(index)
-                    raise
-                pending.append((req, index, pos, boff))
-        except BaseException as e:
-            if first_error is None:
-                first_error = e
-        for entry in pending:
-            finish(entry)
-        if first_error is not None:
-            raise first_error
+                    index = pool.acquire(self.request_timeout)
+                except RequestError as e:
+                    batch.record(e)
+                    break
+            boff = pool.offset_of(index)
+            if not is_read:
+                region_view[boff:boff + length] = mv[pos:pos + length]
+            req = BlockRequest(req_type, (offset + pos) // SECTOR_SIZE, pool.addr_of(index),
+                               length, is_read)
+            batch.submit(req, _Chunk(mv, pos, region_view, boff, length, is_read, pool, index))
+        batch.finish()
 
-    def _transfer_checked(self, mv: memoryview, offset: int, is_read: bool) -> None:
-        try:
-            self._transfer(mv, offset, is_read)
-        except ValueError:
-            if self._region is None:  # closed under our feet: the memory view is gone
-                raise RequestError("the device was closed", errno.EIO) from None
-            raise
-
-    def pread(self, buf, offset: int) -> None:
+    def pread(self, buf: Any, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``.
 
         Offset and length must be multiples of block_size (EINVAL), within capacity (EIO).
@@ -531,9 +400,9 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "read", False)
         if len(mv):
-            self._transfer_checked(mv, offset, True)
+            self._transfer(mv, offset, True)
 
-    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; with ``fua`` it is on stable storage on return.
 
         EROFS on a read-only device; alignment and range as for pread.
@@ -541,36 +410,25 @@ class BlockDevice:
         mv = memoryview(buf).cast("B")
         self._check_range(offset, len(mv), "write", True)
         if len(mv):
-            self._transfer_checked(mv, offset, False)
+            self._transfer(mv, offset, False)
         if fua:
             self.flush()
 
     def flush(self) -> None:
         """Make completed writes stable (a no-op if the device has no FLUSH: write-through)."""
         if self.can_flush:
-            self._run(BlockRequest(VIRTIO_BLK_T_FLUSH, 0))
+            self._run(BlockRequest(RequestType.FLUSH, 0))
 
-    def _ranged(self, req_type: int, offset: int, length: int, max_sectors: int,
+    def _ranged(self, req_type: RequestType, offset: int, length: int, max_sectors: int,
                 flags: int) -> None:
-        step = max_sectors * SECTOR_SIZE // self.config.block_size * self.config.block_size
-        reqs = []
-        error: BaseException | None = None
+        step = max_sectors * SECTOR_SIZE // self.block_size * self.block_size
+        batch = _Batch(self)
         for pos in range(offset, offset + length, step):
             n = min(step, offset + length - pos)
             req = BlockRequest(req_type, 0, segment=(pos // SECTOR_SIZE, n // SECTOR_SIZE, flags))
-            try:
-                self._submit(req)
-            except BaseException as e:
-                error = e
+            if not batch.submit(req):
                 break
-            reqs.append(req)
-        for req in reqs:
-            try:
-                self._wait(req)
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
+        batch.finish()
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (EOPNOTSUPP without DISCARD, EROFS if read-only)."""
@@ -578,8 +436,7 @@ class BlockDevice:
         if not self.can_discard:
             raise RequestError("the device does not support discard", errno.EOPNOTSUPP)
         if length:
-            self._ranged(VIRTIO_BLK_T_DISCARD, offset, length,
-                         self.config.max_discard_sectors, 0)
+            self._ranged(RequestType.DISCARD, offset, length, self.config.max_discard_sectors, 0)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,
                      fast: bool = False) -> None:
@@ -590,59 +447,122 @@ class BlockDevice:
             return
         if self.can_write_zeroes:
             flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
-            self._ranged(VIRTIO_BLK_T_WRITE_ZEROES, offset, length,
+            self._ranged(RequestType.WRITE_ZEROES, offset, length,
                          self.config.max_write_zeroes_sectors, flags)
             return
         if fast:
             raise RequestError("the device cannot zero quickly (no WRITE_ZEROES)",
                                errno.EOPNOTSUPP)
-        zeroes = bytes(min(length, self.max_transfer))
+        zeroes = memoryview(bytes(min(length, self.max_transfer)))
         for pos in range(offset, offset + length, len(zeroes)):
-            n = min(len(zeroes), offset + length - pos)
-            self._transfer(memoryview(zeroes)[:n], pos, False)
+            self._transfer(zeroes[:min(len(zeroes), offset + length - pos)], pos, False)
 
     def get_id(self) -> bytes:
         """The device's serial (GET_ID), up to 20 bytes, cut at the first NUL."""
-        if self._region is None:
-            raise RequestError(self._unavailable_reason(), errno.EIO)
-        index = self.bounce_pool.acquire(self.request_timeout)
-        boff = self.bounce_pool.offset_of(index)
+        region, pool = self._region, self._pool
+        if region is None or pool is None:
+            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
+        index = pool.acquire(self.request_timeout)
+        boff = pool.offset_of(index)
         try:
-            self._region.view[boff:boff + VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
-            req = BlockRequest(VIRTIO_BLK_T_GET_ID, 0, self.bounce_pool.addr_of(index),
+            region.view[boff:boff + VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
+            req = BlockRequest(RequestType.GET_ID, 0, pool.addr_of(index),
                                VIRTIO_BLK_ID_BYTES, True)
             self._run(req)
             written = min(max(req.written - 1, 0), VIRTIO_BLK_ID_BYTES)
-            data = bytes(self._region.view[boff:boff + written])
+            data = bytes(region.view[boff:boff + written])
         finally:
-            self.bounce_pool.release(index)
+            pool.release(index)
         return data.split(b"\0", 1)[0]
 
     # --- shutdown --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop threads, fail anything still in flight with EIO, free memory.  Idempotent."""
-        with self._state_cond:
-            if self._state is DeviceState.CLOSED:
-                return
-            self._state = DeviceState.CLOSED
-            self._state_cond.notify_all()
-        recovery = self._recovery_thread
-        if recovery is not None and recovery is not threading.current_thread():
-            recovery.join()
-        for req in self._stop_session():
+        for req in self._supervisor.close():
             req.fail(RequestError("the device was closed", errno.EIO))
         self._release_memory()
 
     def _release_memory(self) -> None:
         if self._region is not None:
-            for q in getattr(self, "_queues", ()):
+            for q in self._queues:
                 q.vq.release()  # a live view on the mapping would make close() leak it
             self._region.close()
             self._region = None
 
-    def __enter__(self) -> "BlockDevice":
+    def __enter__(self) -> BlockDevice:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Chunk:
+    """What to do when one piece of a multi-request transfer finishes: copy a read's data
+    out of its bounce buffer, then give the buffer back."""
+
+    __slots__ = ("mv", "pos", "view", "boff", "length", "is_read", "pool", "index")
+
+    def __init__(self, mv: memoryview, pos: int, view: memoryview, boff: int, length: int,
+                 is_read: bool, pool: BouncePool, index: int) -> None:
+        self.mv, self.pos, self.view, self.boff = mv, pos, view, boff
+        self.length, self.is_read, self.pool, self.index = length, is_read, pool, index
+
+    def __call__(self, ok: bool) -> None:
+        try:
+            if ok and self.is_read:
+                self.mv[self.pos:self.pos + self.length] = \
+                    self.view[self.boff:self.boff + self.length]
+        finally:
+            self.pool.release(self.index)
+
+
+def _nothing(ok: bool) -> None:
+    pass
+
+
+class _Batch:
+    """Requests submitted together: every one is waited for, even after an error, and the
+    first error is raised at the end.  ``done(ok)`` runs once per request, in order."""
+
+    def __init__(self, device: BlockDevice) -> None:
+        self._device = device
+        self._pending: deque[tuple[BlockRequest, Callable[[bool], None]]] = deque()
+        self.error: BaseException | None = None
+
+    def record(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    def submit(self, req: BlockRequest, done: Callable[[bool], None] = _nothing) -> bool:
+        """Submit ``req``; False (and ``done(False)`` at once) if that failed."""
+        try:
+            self._device._submit(req)
+        except BaseException as e:
+            self.record(e)
+            done(False)
+            return False
+        self._pending.append((req, done))
+        return True
+
+    def finish_oldest(self) -> bool:
+        """Wait for the oldest pending request; False if none was pending."""
+        if not self._pending:
+            return False
+        req, done = self._pending.popleft()
+        ok = False
+        try:
+            self._device._wait(req)
+            ok = self.error is None
+        except BaseException as e:
+            self.record(e)
+        finally:
+            done(ok)
+        return True
+
+    def finish(self) -> None:
+        """Wait for everything pending; raise the first error."""
+        while self.finish_oldest():
+            pass
+        if self.error is not None:
+            raise self.error

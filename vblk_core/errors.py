@@ -9,6 +9,8 @@ Every error carries an ``errno`` so the nbdkit adapter can pass it to the NBD cl
     │   ├── ProtocolError    the back-end sent something malformed
     │   └── ControlTimeout   the back-end did not answer in time
     ├── DeviceError          the device misbehaved (bad used ring, bad config, hung)
+    │   └── RingError        it broke the split-ring protocol (carries what completed first)
+    ├── DeviceChanged        after a reconnect it is not the same device (no retry helps)
     └── RequestError         one request failed (status from the device, EIO, EROFS, ...)
 """
 from __future__ import annotations
@@ -49,6 +51,26 @@ class ControlTimeout(TransportError):
 
 class DeviceError(VblkError):
     errno = _errno.EIO
+
+
+class RingError(DeviceError):
+    """The device wrote something invalid into a used ring.  ``completed`` holds the
+    (head, written length) entries it completed validly before the bad one: they are done."""
+
+    def __init__(self, message: str, completed: list[tuple[int, int]]) -> None:
+        super().__init__(message)
+        self.completed = completed
+
+
+class DeviceChanged(VblkError):
+    """A reconnect reached a device that differs from the one in use (``what`` changed from
+    ``was`` to ``now``): requests cannot safely continue on it, so recovery stops."""
+
+    def __init__(self, what: str, was: object, now: object) -> None:
+        super().__init__(f"the device changed: {what} was {was}, now {now}")
+        self.what = what
+        self.was = was
+        self.now = now
 
 
 class RequestError(VblkError):

@@ -1,7 +1,8 @@
 """Shared memory: one memfd mapping registered with the device, and a bounce-buffer pool in it.
 
 NBD's buffers are not in memory the device can see, so data goes through bounce buffers that live
-in the same memfd as the rings.  Guest addresses equal user addresses of this mapping.
+in the same memfd as the rings.  The transport decides the device address of the region
+(vhost-user uses our user address; an IOMMU-backed transport picks its own IOVA).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class BouncePool:
         if offset + count * buffer_size > region.size:
             raise ConfigError("bounce pool does not fit in the shared region")
         self.region = region
+        self.device_base = region.base_addr
         self.offset = offset
         self.count = count
         self.buffer_size = buffer_size
@@ -82,8 +84,12 @@ class BouncePool:
         return self.offset + index * self.buffer_size
 
     def addr_of(self, index: int) -> int:
-        """Guest address of buffer ``index``."""
-        return self.region.base_addr + self.offset + index * self.buffer_size
+        """Device address of buffer ``index``."""
+        return self.device_base + self.offset + index * self.buffer_size
+
+    def set_device_base(self, base: int) -> None:
+        """The device address of the region's first byte (the transport chooses it)."""
+        self.device_base = base
 
     @property
     def in_use(self) -> int:

@@ -2,13 +2,12 @@
 
 A ``BlockRequest`` keeps everything needed to build its descriptor chain again (type, sector,
 where its data lives), outside the rings, so a request can be resubmitted on a new session.
-A ``QueueRunner`` owns one Virtqueue: it publishes requests, kicks the device, and lets the
-waiting threads harvest completions themselves (one reaper at a time sleeps in poll() on the
-call eventfd without the GIL).
+A ``QueueRunner`` owns one Virtqueue and its lock: it publishes requests, kicks the device
+through the transport's Kicker, and lets the waiting threads harvest completions themselves
+(one reaper at a time sleeps in poll() on the call eventfd without the GIL).
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -17,9 +16,11 @@ import threading
 import time
 from typing import Callable
 
-from .errors import DeviceError, RequestError
-from .virtio_blk import (HEADER, HEADER_OFFSET, SEGMENT, SEGMENT_OFFSET, STATUS_OFFSET,
-                         VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, status_error)
+from .errors import RequestError, RingError
+from .eventfd import eventfd_clear_holding_gil
+from .transport import Kicker, Transport
+from .virtio_blk import (HEADER, HEADER_OFFSET, REQUEST_NAMES, SEGMENT, SEGMENT_OFFSET,
+                         STATUS_OFFSET, VIRTIO_BLK_S_OK, RequestType, status_error)
 from .virtqueue import Virtqueue
 
 log = logging.getLogger("vblk")
@@ -81,14 +82,13 @@ class BlockRequest:
             raise self.error
         if self.status != VIRTIO_BLK_S_OK:
             raise status_error(self.status, _describe(self))
-        if self.type == VIRTIO_BLK_T_IN and self.written != self.data_len + 1:
+        if self.type == RequestType.IN and self.written != self.data_len + 1:
             raise RequestError(f"{_describe(self)}: short read, the device reported "
                                f"{max(self.written - 1, 0)} of {self.data_len} bytes", errno.EIO)
 
 
 def _describe(req: BlockRequest) -> str:
-    names = {0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard", 13: "write-zeroes"}
-    what = names.get(req.type, f"request type {req.type}")
+    what = REQUEST_NAMES.get(req.type, f"request type {req.type}")
     if req.data_len:
         return f"{what} of {req.data_len} bytes at sector {req.sector}"
     return what
@@ -128,17 +128,19 @@ class QueueRunner:
         self.vq = vq
         self.size_max = size_max
         self.on_broken = on_broken
-        self.lock = threading.Lock()
-        self.space = threading.Condition(self.lock)
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0            # our own count: Condition keeps its list private
         self._barrier_lock = threading.Lock()
-        self.in_flight: dict[int, BlockRequest] = {}
-        self.waiters: set[BlockRequest] = set()
-        self.reaper_busy = False
-        self._reaper_left = threading.Condition(self.lock)
+        self._in_flight: dict[int, BlockRequest] = {}
+        self._waiters: set[BlockRequest] = set()
+        self._reaper_busy = False
+        self._reaper_left = threading.Condition(self._lock)
+        self._detaching = False
         self.stats = QueueStats()
         self.generation = -1
-        self.kick_fd = -1
         self.call_fd = -1
+        self._kick: Callable[[], None] = _not_attached
         self._poller: select.poll | None = None
         self._stopping = False
 
@@ -150,69 +152,96 @@ class QueueRunner:
 
     # --- session lifetime ------------------------------------------------------------------
 
-    def attach(self, generation: int) -> tuple[int, int]:
-        """Fresh eventfds for a new session; returns (call_fd, kick_fd) to hand to the device."""
-        self.generation = generation
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    def attach(self, transport: Transport, generation: int) -> None:
+        """Set this queue up on ``transport`` for session ``generation`` (a fresh call
+        eventfd, the ring at index 0).  Raises what transport.setup_queue raises."""
+        vq = self.vq
+        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            kicker: Kicker = transport.setup_queue(self.index, vq.size, vq.desc_addr,
+                                                   vq.avail_addr, vq.used_addr, call_fd)
+        except BaseException:
+            os.close(call_fd)
+            raise
         poller = select.poll()
-        poller.register(self.call_fd, select.POLLIN)
-        self._poller = poller
-        return self.call_fd, self.kick_fd
+        poller.register(call_fd, select.POLLIN)
+        with self._lock:
+            self.generation = generation
+            self.call_fd = call_fd
+            self._kick = kicker.kick
+            self._poller = poller
 
     def start(self) -> None:
-        with self.lock:
+        with self._lock:
             self._stopping = False
             self.vq.enable_interrupts()
 
     def detach(self) -> list[BlockRequest]:
         """Stop reaping, close the eventfds, reset the ring; return what was in flight (not
         completed), for resubmission or failure.  Caller holds no queue lock."""
-        with self.lock:
+        with self._lock:
             self._stopping = True
             if self.call_fd >= 0:
                 os.eventfd_write(self.call_fd, 1)  # wake the reaper out of poll()
             # The reaper leaves within one poll() timeout; its fds must stay open until then.
-            self._reaper_left.wait_for(lambda: not self.reaper_busy, 5.0)
+            self._detaching = True
+            self._reaper_left.wait_for(lambda: not self._reaper_busy, 5.0)
+            self._detaching = False
             # What the device completed before the session ended is done: finish it rather
             # than run it again on the next session.
             finished: list[BlockRequest] = []
             self._harvest_locked(finished)
             self._account_locked(finished)
-            survivors = list(self.in_flight.values())
-            self.in_flight.clear()
+            survivors = list(self._in_flight.values())
+            self._in_flight.clear()
             self.stats.depth = 0
             self.vq.reset()
-            for fd in (self.call_fd, self.kick_fd):
-                if fd >= 0:
-                    os.close(fd)
-            self.call_fd = self.kick_fd = -1
+            if self.call_fd >= 0:
+                os.close(self.call_fd)  # the kick side belongs to the transport
+            self.call_fd = -1
+            self._kick = _not_attached
             self._poller = None
             self.generation = -1
-            for req in self.waiters:
+            for req in self._waiters:
                 req.wake()  # let them see the new state (they loop, nothing is lost)
-            self.space.notify_all()
+            self._space.notify_all()
         for req in finished:
             req.wake()
         return survivors
 
     # --- submission ------------------------------------------------------------------------
 
-    def try_publish(self, req: BlockRequest, generation: int) -> bool | None:
-        """Publish ``req`` if there is room.  Caller holds ``self.lock``.
+    def submit(self, req: BlockRequest, generation: int) -> bool | None:
+        """Publish ``req`` and kick the device if it asked for it.
 
-        Returns True if published, False if the ring is full, None if the queue belongs to
-        another session generation (the device is reconnecting).  Kicking is left to
-        kick_if_needed().
+        Returns True if published, False if the ring has no room for it, None if the queue
+        belongs to another session generation (the device is reconnecting).
         """
+        with self._lock:
+            published = self._publish_locked(req, generation)
+            if published:
+                self._kick_if_needed_locked()
+            return published
+
+    def wait_for_space(self, req: BlockRequest, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds unless the ring already has room for ``req``."""
+        with self._lock:
+            if self.vq.num_free < req.descriptor_count(self.size_max):
+                self._space_waiters += 1
+                try:
+                    self._space.wait(timeout)
+                finally:
+                    self._space_waiters -= 1
+
+    def _publish_locked(self, req: BlockRequest, generation: int) -> bool | None:
         if self.generation != generation or self._stopping:
             return None
         vq = self.vq
         if vq.num_free < req.descriptor_count(self.size_max):
             return False
-        head = vq._free_head
-        slot = vq.req_slot_offset(head)
-        slot_addr = vq.req_addr + head * vq.req_size
+        head = vq.next_head()
+        slot = vq.slot_offset(head)
+        slot_addr = vq.slot_addr(head)
         mem = vq.mem
         HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)
         mem[slot + STATUS_OFFSET] = _STATUS_UNSET
@@ -238,7 +267,7 @@ class QueueRunner:
         return self._published(head, req, generation)
 
     def _published(self, head: int, req: BlockRequest, generation: int) -> bool:
-        self.in_flight[head] = req
+        self._in_flight[head] = req
         req.queue = self
         req.generation = generation
         stats = self.stats
@@ -247,17 +276,11 @@ class QueueRunner:
             stats.max_depth = stats.depth
         return True
 
-    def kick_if_needed(self) -> None:
-        """Notify the device if it asked for it.  Caller holds ``self.lock``."""
+    def _kick_if_needed_locked(self) -> None:
         self._barrier()
         if self.vq.needs_kick():
             self.stats.kicks += 1
-            # Holding the GIL through this short non-blocking write halves nbdkit's context
-            # switches per request at depth 32 (12 -> 6.6, measured with perf stat): releasing
-            # it hands the GIL to another thread, and we then wait to get it back, with the
-            # queue lock held.  A failed write means the session is going away: recovery
-            # resubmits or fails the request.
-            _eventfd_write_holding_gil(self.kick_fd, _ONE, 8)
+            self._kick()
 
     # --- completion ------------------------------------------------------------------------
 
@@ -268,17 +291,17 @@ class QueueRunner:
         outcome (see BlockRequest.check).
         """
         deadline = time.monotonic() + timeout
-        lock = self.lock
+        lock = self._lock
         while not req.finished:
             with lock:
                 if req.finished:
                     break
-                reaper = (not self.reaper_busy and not self._stopping
+                reaper = (not self._reaper_busy and not self._stopping
                           and req.generation == self.generation)
                 if reaper:
-                    self.reaper_busy = True
+                    self._reaper_busy = True
                 else:
-                    self.waiters.add(req)
+                    self._waiters.add(req)
             if reaper:
                 try:
                     self._reap_until(req, deadline)
@@ -292,13 +315,13 @@ class QueueRunner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 with lock:
-                    self.waiters.discard(req)
+                    self._waiters.discard(req)
                 return req.finished
             # Wake at least once a second to re-check: a lost hand-over of the reaper role
             # then costs a second, never the whole request timeout.
             req.done.acquire(timeout=min(remaining, 1.0))
             with lock:
-                self.waiters.discard(req)
+                self._waiters.discard(req)
         return True
 
     def _reap_until(self, req: BlockRequest, deadline: float) -> None:
@@ -316,16 +339,16 @@ class QueueRunner:
             if remaining <= 0:
                 return
             poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
-            if _eventfd_read_holding_gil(call_fd, _SCRATCH, 8) == 8:  # clear it (non-blocking)
+            if eventfd_clear_holding_gil(call_fd):
                 self.stats.calls += 1
 
     def _leave_reaper(self) -> None:
-        with self.lock:
-            self.reaper_busy = False
-            if self._reaper_left._waiters:
+        with self._lock:
+            self._reaper_busy = False
+            if self._detaching:
                 self._reaper_left.notify_all()
             # Hand the role to a thread that is asleep waiting for an unfinished request.
-            for other in self.waiters:
+            for other in self._waiters:
                 if not other.finished:
                     other.wake()
                     break
@@ -334,16 +357,16 @@ class QueueRunner:
         """Move the device's new used entries into ``finished`` (caller holds the lock).
         Returns a reason if the device broke the ring protocol; entries before the bad one
         are still finished."""
-        vq, in_flight, mem = self.vq, self.in_flight, self.vq.mem
+        vq, in_flight, mem = self.vq, self._in_flight, self.vq.mem
         broken = None
         try:
             entries = vq.harvest()
-        except DeviceError as e:
+        except RingError as e:
             entries = e.completed
             broken = f"queue {self.index}: {e}"
         for head, written in entries:
             req = in_flight.pop(head)
-            req.status = mem[vq.req_slot_offset(head) + STATUS_OFFSET]
+            req.status = mem[vq.slot_offset(head) + STATUS_OFFSET]
             req.written = written
             req.finished = True
             finished.append(req)
@@ -355,9 +378,9 @@ class QueueRunner:
         stats.requests += len(finished)
         for req in finished:
             if req.status != VIRTIO_BLK_S_OK or (
-                    req.type == VIRTIO_BLK_T_IN and req.written != req.data_len + 1):
+                    req.type == RequestType.IN and req.written != req.data_len + 1):
                 stats.errors += 1
-            elif req.type != VIRTIO_BLK_T_GET_ID:
+            elif req.type != RequestType.GET_ID:
                 stats.bytes += req.data_len
 
     def reap(self) -> str | None:
@@ -365,7 +388,7 @@ class QueueRunner:
         the ring protocol (the session must then be torn down), else None."""
         finished: list[BlockRequest] = []
         broken = None
-        with self.lock:
+        with self._lock:
             if self._stopping:
                 return None
             vq = self.vq
@@ -379,8 +402,8 @@ class QueueRunner:
                     break
             if finished:
                 self._account_locked(finished)
-                if self.space._waiters:  # skip the call when no submitter waits for room
-                    self.space.notify_all()
+                if self._space_waiters:  # skip the call when no submitter waits for room
+                    self._space.notify_all()
         for req in finished:
             req.wake()
         if broken:
@@ -388,13 +411,5 @@ class QueueRunner:
         return broken
 
 
-# Tiny eventfd syscalls made while holding the GIL (ctypes.PyDLL does not release it).
-_libc = ctypes.PyDLL(None, use_errno=True)
-_eventfd_write_holding_gil = _libc.write
-_eventfd_write_holding_gil.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_eventfd_write_holding_gil.restype = ctypes.c_ssize_t
-_eventfd_read_holding_gil = _libc.read
-_eventfd_read_holding_gil.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
-_eventfd_read_holding_gil.restype = ctypes.c_ssize_t
-_ONE = ctypes.byref(ctypes.c_uint64(1))
-_SCRATCH = ctypes.byref(ctypes.c_uint64(0))  # shared: the value read is never used
+def _not_attached() -> None:
+    """The kick of a queue with no session: nothing to notify (recovery resubmits)."""

@@ -1,8 +1,8 @@
 """vhost-user front-end transport (qemu docs/interop/vhost-user.rst) over a unix socket.
 
-A ``VhostUserSession`` is one control connection with an explicit state:
+A ``VhostUserTransport`` is one control connection with an explicit state:
 
-    CONNECTING --handshake()/vring setup--> READY --close() or any error--> CLOSED
+    CONNECTING --negotiate()/setup_queue()/start()--> READY --close() or any error--> CLOSED
 
 Every read from the back-end has a timeout (a busy back-end answers nobody else), every reply is
 checked (request code, flags, size), and every failure raises a TransportError subclass that
@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import socket
 import struct
 import threading
 from dataclasses import dataclass
 
 from .errors import ConnectError, ControlTimeout, ProtocolError, TransportError
-from .virtio_blk import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1
+from .eventfd import eventfd_write_holding_gil
+from .transport import Kicker, MemoryMap, Transport
+from .virtio import VirtioFeature
 
 
 class Request(enum.IntEnum):
@@ -75,18 +78,43 @@ class MemoryRegion:
     fd: int
 
 
-@dataclass(frozen=True)
-class HandshakeResult:
-    """What the back-end offered and what was agreed."""
-    offered_features: int
-    features: int
-    protocol_features: int
-    num_queues: int
-    config: bytes
+#: vhost-user's own feature bit (in the virtio feature word): the back-end speaks protocol
+#: features, which this front-end needs (CONFIG, to read the capacity).
+VHOST_USER_F_PROTOCOL_FEATURES = 30
 
 
-class VhostUserSession:
-    """One vhost-user control connection.  Methods are serialized by an internal lock."""
+class _EventfdKicker:
+    """Kicks a queue by writing its eventfd while holding the GIL (a short non-blocking
+    write: releasing the GIL there doubled nbdkit's context switches per request)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def kick(self) -> None:
+        # A failed write means the session is going away: recovery resubmits or fails.
+        eventfd_write_holding_gil(self.fd)
+
+
+class VhostUserConnector:
+    """Connects to a vhost-user-blk back-end's unix socket; every reconnect is a new
+    connection to the same path (the back-end may have restarted)."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.target = f"vhost-user socket {path}"
+
+    def connect(self) -> "VhostUserTransport":
+        return VhostUserTransport(self.path, self.timeout)
+
+
+class VhostUserTransport(Transport):
+    """One vhost-user control connection (a Transport).  Methods are serialized by a lock.
+
+    The back-end maps our memfd; device ("guest") addresses equal our user addresses.
+    """
 
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         """Connect to the back-end's unix socket.
@@ -94,9 +122,12 @@ class VhostUserSession:
         Raises ConnectError naming the path if it does not exist or nobody listens.
         """
         self.path = path
+        self.target = f"vhost-user socket {path}"
         self.timeout = timeout
         self.state = SessionState.CONNECTING
         self.protocol_features = 0
+        self._num_queues = 1
+        self._kick_fds: list[int] = []
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
@@ -115,9 +146,6 @@ class VhostUserSession:
                                e.errno or errno.EIO) from None
 
     # --- framing -------------------------------------------------------------------------
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
     def _fail(self, exc: TransportError) -> TransportError:
         if self.state is SessionState.CONNECTING and type(exc) is TransportError:
@@ -201,17 +229,17 @@ class VhostUserSession:
         if U64.unpack(reply)[0] != 0:
             raise self._fail(TransportError(f"back-end refused {request.name}"))
 
-    # --- the handshake ---------------------------------------------------------------------
+    # --- the Transport interface ------------------------------------------------------------
 
-    def handshake(self, wanted_features: int, config_size: int) -> HandshakeResult:
-        """SET_OWNER, feature and protocol-feature negotiation, queue count, config space.
+    def negotiate(self, driver_features: int) -> int:
+        """SET_OWNER, feature and protocol-feature negotiation, queue count, SET_FEATURES.
 
         Raises ConnectError if the back-end lacks VERSION_1, PROTOCOL_FEATURES or the CONFIG
         protocol feature, ProtocolError on malformed replies, ControlTimeout if it is silent.
         """
         self._command(Request.SET_OWNER)
         offered = self._call_u64(Request.GET_FEATURES)
-        if not offered >> VIRTIO_F_VERSION_1 & 1:
+        if not offered & VirtioFeature.VERSION_1:
             raise self._fail(ConnectError(
                 f"back-end at {self.path} does not offer VIRTIO_F_VERSION_1 (features "
                 f"{offered:#x}): legacy virtio devices are not supported"))
@@ -226,15 +254,42 @@ class VhostUserSession:
         proto = proto_offered & WANTED_PROTOCOL_FEATURES
         self._command(Request.SET_PROTOCOL_FEATURES, U64.pack(proto))
         self.protocol_features = proto
-        num_queues = 1
         if proto >> PROTOCOL_F_MQ & 1:
             num_queues = self._call_u64(Request.GET_QUEUE_NUM)
             if not 1 <= num_queues <= 65535:
                 raise self._fail(ProtocolError(f"back-end reports {num_queues} queues"))
-        config = self.get_config(0, config_size)
-        features = offered & wanted_features
+            self._num_queues = num_queues
+        features = offered & (driver_features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self._command(Request.SET_FEATURES, U64.pack(features))
-        return HandshakeResult(offered, features, proto, num_queues, config)
+        return features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    @property
+    def max_queues(self) -> int:
+        return self._num_queues
+
+    def read_config(self, size: int) -> bytes:
+        return self.get_config(0, size)
+
+    def map_memory(self, memory: MemoryMap) -> int:
+        self.set_mem_table([MemoryRegion(memory.user_addr, memory.size, memory.user_addr, 0,
+                                         memory.fd)])
+        return memory.user_addr
+
+    def setup_queue(self, index: int, size: int, desc_addr: int, avail_addr: int,
+                    used_addr: int, call_fd: int) -> Kicker:
+        kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._kick_fds.append(kick_fd)
+        self.setup_vring(index, size, desc_addr, used_addr, avail_addr, call_fd, kick_fd)
+        return _EventfdKicker(kick_fd)
+
+    def start(self) -> None:
+        if self.state is SessionState.CONNECTING:
+            self.state = SessionState.READY
+
+    def loss_fd(self) -> int:
+        return self._sock.fileno() if self.state is not SessionState.CLOSED else -1
+
+    # --- messages ---------------------------------------------------------------------------
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of device config at ``offset``.  A back-end that answers with an
@@ -272,11 +327,7 @@ class VhostUserSession:
         self._command(Request.SET_VRING_KICK, U64.pack(index), [kick_fd])
         self._command(Request.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
 
-    def mark_ready(self) -> None:
-        if self.state is SessionState.CONNECTING:
-            self.state = SessionState.READY
-
-    def peer_gone(self) -> str | None:
+    def loss_reason(self) -> str | None:
         """Why the session is over, if it is: the back-end closed the connection, the socket
         failed, or the back-end sent a message nobody asked for.  None while all is well."""
         try:
@@ -290,10 +341,13 @@ class VhostUserSession:
         return "the back-end sent an unsolicited vhost-user message"
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection and the kick eventfds (idempotent)."""
         if self.state is not SessionState.CLOSED:
             self.state = SessionState.CLOSED
             try:
                 self._sock.close()
             except OSError:
                 pass
+            for fd in self._kick_fds:
+                os.close(fd)
+            self._kick_fds.clear()

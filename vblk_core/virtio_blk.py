@@ -2,43 +2,56 @@
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import struct
 from dataclasses import dataclass
 
 from .errors import DeviceError, RequestError
+from .virtio import VirtioFeature
 
 SECTOR_SIZE = 512
 
-# Feature bits
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_CONFIG_WCE = 11
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-VIRTIO_RING_F_EVENT_IDX = 29
-VHOST_USER_F_PROTOCOL_FEATURES = 30
-VIRTIO_F_VERSION_1 = 32
 
-#: What this driver understands and will accept when offered.
-DRIVER_FEATURES = sum(1 << b for b in (
-    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_BLK_SIZE,
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_RING_F_EVENT_IDX,
-    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1))
 
-# Request types
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
+class BlkFeature(enum.IntFlag):
+    """virtio-blk feature bits (section 5.2.3), as masks of the 64-bit feature word."""
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+
+
+#: What this driver understands and accepts when offered (virtio-blk and generic bits; each
+#: transport adds its own, e.g. vhost-user's PROTOCOL_FEATURES or ACCESS_PLATFORM for PCI).
+DRIVER_FEATURES = int(BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX | BlkFeature.RO
+                      | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.TOPOLOGY
+                      | BlkFeature.CONFIG_WCE | BlkFeature.MQ | BlkFeature.DISCARD
+                      | BlkFeature.WRITE_ZEROES) | int(VirtioFeature.EVENT_IDX
+                                                       | VirtioFeature.VERSION_1)
+
+
+class RequestType(enum.IntEnum):
+    """virtio-blk request types (section 5.2.6)."""
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    DISCARD = 11
+    WRITE_ZEROES = 13
+
+
+#: How a request type reads in messages.
+REQUEST_NAMES = {RequestType.IN: "read", RequestType.OUT: "write", RequestType.FLUSH: "flush",
+                 RequestType.GET_ID: "get-id", RequestType.DISCARD: "discard",
+                 RequestType.WRITE_ZEROES: "write-zeroes"}
+
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 VIRTIO_BLK_ID_BYTES = 20
 
@@ -135,43 +148,43 @@ class BlockConfig:
          min_io, opt_io, wce, num_queues, max_discard, max_discard_seg,
          discard_align, max_wz, max_wz_seg, wz_may_unmap) = _CONFIG.unpack(data)
 
-        def has(bit: int) -> bool:
-            return bool(features >> bit & 1)
+        def has(feature: BlkFeature) -> bool:
+            return bool(features & feature)
 
         if capacity == 0:
             raise DeviceError("device reports capacity 0: nothing to serve (is the image empty?)")
         if capacity > MAX_CAPACITY_SECTORS:
             raise DeviceError(f"device reports an absurd capacity of {capacity} sectors")
-        block_size = blk_size if has(VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE
+        block_size = blk_size if has(BlkFeature.BLK_SIZE) else SECTOR_SIZE
         if block_size < SECTOR_SIZE or block_size > 65536 or block_size & (block_size - 1):
             raise DeviceError(f"device reports block size {block_size}: must be a power of two "
                               "from 512 to 65536")
         if capacity * SECTOR_SIZE % block_size:
             raise DeviceError(f"capacity {capacity * SECTOR_SIZE} is not a multiple of the "
                               f"block size {block_size}")
-        if not has(VIRTIO_BLK_F_SIZE_MAX):
+        if not has(BlkFeature.SIZE_MAX):
             size_max = 0
         elif size_max and size_max < 4096:
             # Linux rejects below a page too; we could not bound a request's segments sanely.
             raise DeviceError(f"device reports size_max {size_max}: below 4096 bytes")
-        if not has(VIRTIO_BLK_F_SEG_MAX):
+        if not has(BlkFeature.SEG_MAX):
             seg_max = 1
         elif seg_max == 0:
             raise DeviceError("device reports seg_max 0: no request could carry data")
-        if not has(VIRTIO_BLK_F_TOPOLOGY):
+        if not has(BlkFeature.TOPOLOGY):
             phys_exp, min_io, opt_io = 0, 1, 0
         elif phys_exp > 16:
             raise DeviceError(f"device reports physical_block_exp {phys_exp}: absurd")
-        if not has(VIRTIO_BLK_F_MQ):
+        if not has(BlkFeature.MQ):
             num_queues = 1
         elif num_queues == 0:
             raise DeviceError("device offers MQ but reports num_queues 0")
-        if has(VIRTIO_BLK_F_DISCARD):
+        if has(BlkFeature.DISCARD):
             if max_discard == 0 or max_discard_seg == 0:
                 raise DeviceError("device offers DISCARD with a zero max_discard_sectors/seg")
         else:
             max_discard, max_discard_seg, discard_align = 0, 0, 0
-        if has(VIRTIO_BLK_F_WRITE_ZEROES):
+        if has(BlkFeature.WRITE_ZEROES):
             if max_wz == 0 or max_wz_seg == 0:
                 raise DeviceError("device offers WRITE_ZEROES with a zero max_write_zeroes_sectors/seg")
         else:
@@ -180,8 +193,22 @@ class BlockConfig:
             capacity=capacity * SECTOR_SIZE, block_size=block_size, size_max=size_max,
             seg_max=seg_max, physical_block_exp=phys_exp, min_io_size=min_io * block_size,
             opt_io_size=opt_io * block_size,
-            writeback=bool(wce) if has(VIRTIO_BLK_F_CONFIG_WCE) else has(VIRTIO_BLK_F_FLUSH),
+            writeback=bool(wce) if has(BlkFeature.CONFIG_WCE) else has(BlkFeature.FLUSH),
             num_queues=num_queues, max_discard_sectors=max_discard,
             max_discard_seg=max_discard_seg, discard_sector_alignment=discard_align,
             max_write_zeroes_sectors=max_wz, max_write_zeroes_seg=max_wz_seg,
             write_zeroes_may_unmap=bool(wz_may_unmap))
+
+
+#: A data request needs 3 descriptors (header, data, status), so smaller rings carry nothing.
+MIN_QUEUE_SIZE = 4
+MAX_QUEUE_SIZE = 32768
+
+
+def queue_size_problem(size: object) -> str | None:
+    """None if ``size`` is a usable virtqueue size for this driver, else what to do instead.
+    The one rule for the plugin's queue-size= and the block device."""
+    if (isinstance(size, int) and not isinstance(size, bool)
+            and MIN_QUEUE_SIZE <= size <= MAX_QUEUE_SIZE and not size & (size - 1)):
+        return None
+    return f"use a power of two from {MIN_QUEUE_SIZE} to {MAX_QUEUE_SIZE} (default 256)"

@@ -2,13 +2,13 @@
 
 Driver side only.  Not thread-safe: the caller holds a lock per queue.  Everything the device
 writes (the used ring, the avail_event word) is validated before use: a bad value raises
-DeviceError and leaves this object unchanged enough to be reset, never corrupting memory.
+RingError and leaves this object unchanged enough to be reset, never corrupting memory.
 """
 from __future__ import annotations
 
 import struct
 
-from .errors import DeviceError
+from .errors import RingError
 from .layout import VirtqueueLayout
 
 VIRTQ_DESC_F_NEXT = 1
@@ -24,7 +24,7 @@ class Virtqueue:
     """One split virtqueue: descriptor table, available ring, used ring, per-request slots.
 
     ``mem`` is a writable memoryview of the whole shared region; the queue occupies
-    ``layout.end_offset`` bytes from ``offset``; ``guest_base`` is the guest address of mem[0].
+    ``layout.end_offset`` bytes from ``offset``; ``guest_base`` is the device address of mem[0].
     Raises ValueError("Incorrectly sized queue buffer") if the slice is too short and
     ValueError("Insufficient memory alignment") if the per-request slots are misaligned.
     """
@@ -33,16 +33,12 @@ class Virtqueue:
                  req_alignment: int = 8, event_idx: bool = False) -> None:
         if offset < 0 or len(mem) - offset < layout.end_offset:
             raise ValueError("Incorrectly sized queue buffer")
-        if (guest_base + offset) % 16 or (guest_base + offset + layout.req_offset) % req_alignment:
-            raise ValueError("Insufficient memory alignment")
         self.mem = mem
         self.size = layout.queue_size
         self.layout = layout
         self.offset = offset
-        self.desc_addr = guest_base + offset
-        self.avail_addr = guest_base + offset + layout.avail_offset
-        self.used_addr = guest_base + offset + layout.used_offset
-        self.req_addr = guest_base + offset + layout.req_offset
+        self.req_alignment = req_alignment
+        self.set_device_base(guest_base)
         self.req_off = offset + layout.req_offset
         self.req_size = layout.req_size
         self._avail_off = offset + layout.avail_offset
@@ -59,6 +55,17 @@ class Virtqueue:
         self._avail_event_w = (self._used_off + 4 + 8 * self.size) // 2
         self.event_idx = event_idx
         self.reset()
+
+    def set_device_base(self, guest_base: int) -> None:
+        """Set the device address of mem[0] (ring addresses follow).  Raises
+        ValueError("Insufficient memory alignment") if the rings or slots would be misaligned."""
+        offset, layout = self.offset, self.layout
+        if (guest_base + offset) % 16 or (guest_base + offset + layout.req_offset) % self.req_alignment:
+            raise ValueError("Insufficient memory alignment")
+        self.desc_addr = guest_base + offset
+        self.avail_addr = guest_base + offset + layout.avail_offset
+        self.used_addr = guest_base + offset + layout.used_offset
+        self.req_addr = guest_base + offset + layout.req_offset
 
     def release(self) -> None:
         """Drop our 16-bit view of the shared memory, so the region can be unmapped."""
@@ -85,9 +92,17 @@ class Virtqueue:
     def in_flight(self) -> int:
         return self.size - self.num_free
 
-    def req_slot_offset(self, head: int) -> int:
+    def next_head(self) -> int:
+        """The descriptor the next chain will start at (its request slot is the request's)."""
+        return self._free_head
+
+    def slot_offset(self, head: int) -> int:
         """Offset in ``mem`` of the per-request slot that belongs to descriptor ``head``."""
         return self.req_off + head * self.req_size
+
+    def slot_addr(self, head: int) -> int:
+        """Device address of the per-request slot that belongs to descriptor ``head``."""
+        return self.req_addr + head * self.req_size
 
     def add_chain(self, segments: list[tuple[int, int, bool]]) -> int:
         """Publish a chain of (guest address, length, device_writable) segments.
@@ -177,10 +192,10 @@ class Virtqueue:
     def harvest(self) -> list[tuple[int, int]]:
         """Consume new used entries: a list of (head, written_len), descriptors freed.
 
-        Raises DeviceError if the device's used index or an entry is invalid (index moved more
+        Raises RingError if the device's used index or an entry is invalid (index moved more
         than the queue size, id out of range or not in flight, length beyond what the chain
         lets the device write).  Entries before the bad one are still consumed and freed, and
-        are attached to the exception as ``.completed``.
+        travel in the exception's ``completed``.
         """
         mem, size = self.mem, self.size
         used_idx = self._words[self._used_idx_w]
@@ -189,24 +204,18 @@ class Virtqueue:
             return []
         completed: list[tuple[int, int]] = []
         if pending > size - self.num_free:
-            err = DeviceError(f"device moved the used index by {pending} with "
-                              f"{size - self.num_free} descriptors in flight")
-            err.completed = completed
-            raise err
+            raise RingError(f"device moved the used index by {pending} with "
+                            f"{size - self.num_free} descriptors in flight", completed)
         ring_off = self._used_off + 4
         chain_len, nxt = self._chain_len, self._next
         for _ in range(pending):
             head, length = _USED_ELEM.unpack_from(mem, ring_off + 8 * (self.last_used_idx % size))
             if head >= size or chain_len[head] == 0:
-                err = DeviceError(f"device completed descriptor {head}, which is not an "
-                                  f"in-flight request head (queue size {size})")
-                err.completed = completed
-                raise err
+                raise RingError(f"device completed descriptor {head}, which is not an "
+                                f"in-flight request head (queue size {size})", completed)
             if length > self._writable[head]:
-                err = DeviceError(f"device reported {length} bytes written to a chain that "
-                                  f"allows {self._writable[head]}")
-                err.completed = completed
-                raise err
+                raise RingError(f"device reported {length} bytes written to a chain that "
+                                f"allows {self._writable[head]}", completed)
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
             # Return the chain to the free list, walking our own copy of `next`.
             n = chain_len[head]

@@ -1,0 +1,222 @@
+"""Session supervision for the block device: the state machine, loss detection and recovery.
+
+    NEW --first session--> CONNECTED --session lost--> RECOVERING --reconnected--> CONNECTED
+                                                           \\--timeout / device changed--> FAILED
+    any --close()--> CLOSED
+
+A session is lost when its transport says so (the monitor thread polls ``loss_fd``), when a
+queue's device broke the ring protocol, or when a request or a full ring saw no completion
+for the request timeout.  Recovery then stops the session, keeps the requests that did not
+complete, asks the connector for a fresh transport (within ``reconnect_timeout``), checks it
+is the same device, and resubmits them in their original order; or fails them with EIO.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from typing import Protocol
+
+from .device_info import DeviceInfo, identify
+from .errors import DeviceChanged, RequestError
+from .queues import BlockRequest
+from .transport import Connector, Transport
+
+log = logging.getLogger("vblk")
+
+MAX_ATTEMPTS = 3          # a request is resubmitted after a session loss at most this often
+
+
+class DeviceState(enum.Enum):
+    NEW = "new"
+    CONNECTED = "connected"
+    RECOVERING = "recovering"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+class SessionHost(Protocol):
+    """What the supervisor needs from the block device it supervises."""
+
+    def attach(self, transport: Transport, generation: int) -> None:
+        """Map memory and set every queue up on ``transport``, then start it."""
+
+    def detach(self) -> list[BlockRequest]:
+        """Stop every queue; return the requests that did not complete."""
+
+    def check_same_device(self, info: DeviceInfo) -> None:
+        """Raise DeviceChanged if ``info`` is not the device in use."""
+
+    def resubmit(self, req: BlockRequest) -> None:
+        """Publish ``req`` again on the current session (or fail it)."""
+
+
+class Supervisor:
+    """Owns the device's state and its current transport.  ``state`` and ``generation`` are
+    plain attributes, read without a lock on the hot path."""
+
+    def __init__(self, connector: Connector, host: SessionHost, reconnect_timeout: float) -> None:
+        self.connector = connector
+        self.host = host
+        self.reconnect_timeout = reconnect_timeout
+        self.state = DeviceState.NEW
+        self.generation = 0
+        self.failure: str | None = None
+        self.reconnects = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._transport: Transport | None = None
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = -1
+        self._recovery: threading.Thread | None = None
+
+    # --- sessions --------------------------------------------------------------------------
+
+    def begin(self, transport: Transport) -> None:
+        """Make ``transport`` (identified, memory and queues not yet set up) the current
+        session: attach the host, start watching it, become CONNECTED."""
+        generation = self.generation + 1
+        self.host.attach(transport, generation)
+        self._transport = transport
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        with self._cond:
+            self.generation = generation
+            self._monitor_stop = stop_fd
+            self._monitor = threading.Thread(target=self._monitor_loop,
+                                             args=(transport, generation, stop_fd),
+                                             name="vblk-monitor", daemon=True)
+            self._monitor.start()
+            if self.state is DeviceState.NEW:
+                self.state = DeviceState.CONNECTED
+            # After a reconnect the state stays RECOVERING until the survivors are resubmitted,
+            # so that new requests queue behind them.
+
+    def _monitor_loop(self, transport: Transport, generation: int, stop_fd: int) -> None:
+        poller = select.poll()
+        loss_fd = transport.loss_fd()
+        if loss_fd >= 0:
+            poller.register(loss_fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        poller.register(stop_fd, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if any(fd == stop_fd for fd, _ in events):
+                return
+            reason = transport.loss_reason()
+            if reason:
+                self.lost(reason, generation)
+                return
+
+    def _end_session(self) -> list[BlockRequest]:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._monitor_stop >= 0:
+            os.eventfd_write(self._monitor_stop, 1)
+            if self._monitor is not None and self._monitor is not threading.current_thread():
+                self._monitor.join()
+            os.close(self._monitor_stop)
+            self._monitor_stop = -1
+        survivors = self.host.detach()
+        survivors.sort(key=lambda r: r.seq)
+        return survivors
+
+    # --- waiting ---------------------------------------------------------------------------
+
+    def wait_while_recovering(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.state is not DeviceState.RECOVERING, timeout)
+
+    def unavailable_reason(self) -> str:
+        if self.state is DeviceState.CLOSED:
+            return "the device is closed"
+        if self.state is DeviceState.NEW:
+            return "the device is not connected"
+        return f"the device has failed: {self.failure}"
+
+    # --- loss and recovery -----------------------------------------------------------------
+
+    def lost(self, reason: str, generation: int) -> None:
+        """Session ``generation`` is over (a no-op if it already was): recover in a thread."""
+        with self._cond:
+            if self.state is not DeviceState.CONNECTED or generation != self.generation:
+                return
+            self.state = DeviceState.RECOVERING
+        log.warning("vblk: session to %s lost: %s", self.connector.target, reason)
+        self._recovery = threading.Thread(target=self._recover, args=(reason,),
+                                          name="vblk-recover", daemon=True)
+        self._recovery.start()
+
+    def _recover(self, reason: str) -> None:
+        survivors = self._end_session()
+        failure = reason
+        if self.reconnect_timeout > 0:
+            deadline = time.monotonic() + self.reconnect_timeout
+            delay = 0.05
+            while self.state is DeviceState.RECOVERING:
+                try:
+                    self._reconnect()
+                except DeviceChanged as e:
+                    failure = f"{reason}; reconnecting failed: {e}"
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure: retry, then give up
+                    failure = f"{reason}; reconnecting failed: {e}"
+                    if time.monotonic() + delay > deadline:
+                        break
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self._resubmit_all(survivors, reason)
+                return
+        with self._cond:
+            if self.state is DeviceState.RECOVERING:
+                self.state = DeviceState.FAILED
+            self.failure = failure
+            self._cond.notify_all()
+        log.error("vblk: device %s failed: %s", self.connector.target, failure)
+        for req in survivors:
+            req.fail(RequestError(f"device lost: {failure}", errno.EIO))
+
+    def _reconnect(self) -> None:
+        transport = self.connector.connect()
+        try:
+            self.host.check_same_device(identify(transport))
+            self.begin(transport)
+        except BaseException:
+            transport.close()
+            raise
+
+    def _resubmit_all(self, survivors: list[BlockRequest], reason: str) -> None:
+        self.reconnects += 1
+        log.warning("vblk: reconnected to %s, resubmitting %d request(s)",
+                    self.connector.target, len(survivors))
+        for req in survivors:
+            req.attempts += 1
+            if req.attempts > MAX_ATTEMPTS:
+                req.fail(RequestError(f"request lost {req.attempts} sessions in a row "
+                                      f"(last: {reason})", errno.EIO))
+                continue
+            self.host.resubmit(req)
+        with self._cond:
+            if self.state is DeviceState.RECOVERING:
+                self.state = DeviceState.CONNECTED
+            self._cond.notify_all()
+        for req in survivors:
+            req.wake()  # their waiters re-check, and one of them becomes the reaper
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> list[BlockRequest]:
+        """Become CLOSED, end the session; return what was still in flight (empty if the
+        device was already closed)."""
+        with self._cond:
+            if self.state is DeviceState.CLOSED:
+                return []
+            self.state = DeviceState.CLOSED
+            self._cond.notify_all()
+        recovery = self._recovery
+        if recovery is not None and recovery is not threading.current_thread():
+            recovery.join()
+        return self._end_session()
