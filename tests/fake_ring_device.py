@@ -9,10 +9,10 @@ driver are the memory and the layout offsets.
 ``BlkEmulator`` gives chains virtio-blk meaning (header, data, status) against a bytearray disk,
 with hooks to return a short length, a bad status, or no status at all.
 
-``FakeVhostBackend`` stands in for ``vblk_core.vhost_user.VhostUserSession`` so a whole
-``BlockDevice`` can run against ``BlockEmulator``s: it maps the memfd handed to
-set_mem_table like a real back-end, and serves each queue on a thread that waits on the kick
-eventfd and signals the call eventfd.
+``FakeVhostBackend`` is a ``vblk_core.transport.Connector`` whose transports serve a whole
+``BlockDevice`` with ``BlockEmulator``s: each maps the memfd handed to map_memory like a real
+back-end, and serves each queue on a thread that waits on its kick eventfd and signals the
+call eventfd.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
+
+from vblk_core.transport import Transport
 
 DESC = struct.Struct("<QIHH")
 USED_ELEM = struct.Struct("<II")
@@ -331,9 +333,11 @@ class FakeConfig:
 
 
 class FakeVhostBackend:
-    """Replaces VhostUserSession (``monkeypatch.setattr(vblk_core.device, "VhostUserSession",
-    backend.session)``).  Serves every queue with a BlkEmulator on ``disk``; ``policy`` as for
-    BlkEmulator.  ``stop()`` ends the service threads (also done by the session's close())."""
+    """A Connector for ``BlockDevice.open(backend)``: every connect() is a new fake session.
+    Serves every queue with a BlkEmulator on ``disk``; ``policy`` as for BlkEmulator.
+    ``stop()`` ends the service threads (also done by the session's close())."""
+
+    target = "fake device"
 
     def __init__(self, offer: FakeConfig, disk: bytearray,
                  policy: Callable[[BlkRequest], Behaviour | None] | None = None,
@@ -346,8 +350,8 @@ class FakeVhostBackend:
         self.sessions: list[_FakeSession] = []
         self.errors: list[BaseException] = []
 
-    def session(self, path: str, timeout: float = 5.0) -> "_FakeSession":
-        s = _FakeSession(self, path)
+    def connect(self) -> "_FakeSession":
+        s = _FakeSession(self)
         self.sessions.append(s)
         return s
 
@@ -356,52 +360,56 @@ class FakeVhostBackend:
             s.close()
 
 
-class _FakeSession:
-    def __init__(self, backend: FakeVhostBackend, path: str) -> None:
+class _FakeSession(Transport):
+    target = "fake device"
+
+    def __init__(self, backend: FakeVhostBackend) -> None:
         self.backend = backend
-        self.path = path
         self._rfd, self._wfd = os.pipe()      # never readable: stands in for the control socket
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         self._map: mmap.mmap | None = None
-        self._region = None
+        self._memory = None
         self._threads: list[threading.Thread] = []
         self.rings: dict[int, FakeRing] = {}
         self.closed = False
 
-    # the VhostUserSession surface BlockDevice uses
+    # the Transport surface BlockDevice uses
 
-    def handshake(self, wanted_features: int, config_size: int):
-        from vblk_core.vhost_user import HandshakeResult
-        offer = self.backend.offer
-        return HandshakeResult(offer.features, offer.features & wanted_features,
-                               offer.protocol_features, offer.num_queues,
-                               offer.config[:config_size])
+    def negotiate(self, driver_features: int) -> int:
+        return self.backend.offer.features & driver_features
 
-    def set_mem_table(self, regions) -> None:
-        (r,) = regions
-        self._region = r
-        self._map = mmap.mmap(r.fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                              offset=r.mmap_offset)
+    def read_config(self, size: int) -> bytes:
+        return self.backend.offer.config[:size]
 
-    def setup_vring(self, index, size, desc_addr, used_addr, avail_addr, call_fd, kick_fd):
-        r = self._region
-        base = r.user_addr
+    @property
+    def max_queues(self) -> int:
+        return self.backend.offer.num_queues
+
+    def map_memory(self, memory) -> int:
+        self._memory = memory
+        self._map = mmap.mmap(memory.fd, memory.size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        return memory.user_addr
+
+    def setup_queue(self, index, size, desc_addr, avail_addr, used_addr, call_fd):
+        base = self._memory.user_addr
         ring = FakeRing(memoryview(self._map), size, desc_addr - base, avail_addr - base,
-                        used_addr - base, r.guest_addr)
+                        used_addr - base, base)
         self.rings[index] = ring
-        t = threading.Thread(target=self._serve, args=(index, ring, os.dup(call_fd),
-                                                        os.dup(kick_fd)),
+        kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        t = threading.Thread(target=self._serve, args=(index, ring, os.dup(call_fd), kick_fd),
                              name=f"fake-vhost-q{index}", daemon=True)
         self._threads.append(t)
         t.start()
+        return _Kicker(kick_fd)
 
-    def mark_ready(self) -> None:
+    def start(self) -> None:
         pass
 
-    def fileno(self) -> int:
+    def loss_fd(self) -> int:
         return self._rfd
 
-    def peer_gone(self) -> str | None:
+    def loss_reason(self) -> str | None:
         return "the back-end closed the vhost-user connection" if self.closed else None
 
     def close(self) -> None:
@@ -458,6 +466,17 @@ class _FakeSession:
         finally:
             os.close(call_fd)
             os.close(kick_fd)
+
+
+class _Kicker:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def kick(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:
+            pass  # the session closed the fd: the device resubmits after recovery
 
 
 # --- virtio-blk config space (virtio 1.x 5.2.4), packed field by field -----------------------

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from device_util import open_device
 import vblk_core
 from vblk_core import ConfigError, ConnectError, RequestError
 
@@ -73,7 +74,7 @@ def test_write_matches_image_and_reads_back(device, qsd, offset, length):
 def test_read_prefilled_image(qsd_factory):
     content = pattern(3 * MiB + 4096, seed=42)
     qsd = qsd_factory(num_queues=2, content=content)
-    with vblk_core.BlockDevice(qsd.socket) as dev:
+    with open_device(qsd.socket) as dev:
         buf = bytearray(len(content))
         dev.pread(buf, 0)
         assert buf == content
@@ -277,7 +278,7 @@ def test_concurrent_mixed_io(qsd, device):
 
 @pytest.mark.parametrize("queue_size", [4, 16, 1024])
 def test_queue_sizes(qsd, queue_size):
-    with vblk_core.BlockDevice(qsd.socket, num_queues=1, queue_size=queue_size,
+    with open_device(qsd.socket, num_queues=1, queue_size=queue_size,
                                bounce_buffer_size=64 << 10, bounce_buffers=8) as dev:
         data = pattern(MiB, queue_size)
         dev.pwrite(data, MiB)
@@ -321,7 +322,7 @@ def test_unaligned_or_negative_is_einval(device, qsd, offset, length):
 def test_read_only_export(qsd_factory):
     content = pattern(MiB, 7)
     qsd = qsd_factory(num_queues=1, writable=False, content=content)
-    with vblk_core.BlockDevice(qsd.socket) as dev:
+    with open_device(qsd.socket) as dev:
         assert dev.read_only is True
         assert not dev.can_discard and not dev.can_write_zeroes
         buf = bytearray(MiB)
@@ -340,11 +341,11 @@ def test_read_only_export(qsd_factory):
 def test_too_many_queues(qsd_factory):
     qsd = qsd_factory(num_queues=2)
     with pytest.raises(ConfigError, match="Too many queues requested"):
-        vblk_core.BlockDevice(qsd.socket, num_queues=3)
+        open_device(qsd.socket, num_queues=3)
     with pytest.raises(ConfigError):
-        vblk_core.BlockDevice(qsd.socket, num_queues=0)
+        open_device(qsd.socket, num_queues=0)
     # the daemon still serves the next front-end
-    with vblk_core.BlockDevice(qsd.socket, num_queues=2) as dev:
+    with open_device(qsd.socket, num_queues=2) as dev:
         assert dev.num_queues == 2
         dev.pwrite(b"\x42" * 512, 0)
     assert image_bytes(qsd, 0, 512) == b"\x42" * 512
@@ -352,26 +353,26 @@ def test_too_many_queues(qsd_factory):
 
 def test_default_queue_count_is_capped(qsd_factory):
     qsd = qsd_factory(num_queues=6)
-    with vblk_core.BlockDevice(qsd.socket) as dev:
+    with open_device(qsd.socket) as dev:
         assert dev.device_queues == 6 and dev.num_queues == 4
     qsd1 = qsd_factory(num_queues=1)
-    with vblk_core.BlockDevice(qsd1.socket) as dev:
+    with open_device(qsd1.socket) as dev:
         assert dev.num_queues == 1
 
 
 @pytest.mark.parametrize("queue_size", [0, 1, 2, 3, 100, 65536, -4, 32769])
 def test_bad_queue_size(qsd, queue_size):
     with pytest.raises(ConfigError, match="queue size"):
-        vblk_core.BlockDevice(qsd.socket, queue_size=queue_size)
+        open_device(qsd.socket, queue_size=queue_size)
     # the daemon was not left holding a half-open session
-    with vblk_core.BlockDevice(qsd.socket, queue_size=4, control_timeout=3) as dev:
+    with open_device(qsd.socket, queue_size=4, control_timeout=3) as dev:
         dev.flush()
 
 
 def test_missing_socket(tmp_path):
     path = str(tmp_path / "nobody-here.sock")
     with pytest.raises(ConnectError, match="nobody-here.sock") as info:
-        vblk_core.BlockDevice(path)
+        open_device(path)
     assert path in str(info.value)
     assert info.value.errno == errno.ENOENT
 
@@ -381,16 +382,16 @@ def test_dead_daemon_socket(qsd_factory):
     qsd.kill()
     assert os.path.exists(qsd.socket)   # a stale socket file, nobody listening
     with pytest.raises(ConnectError) as info:
-        vblk_core.BlockDevice(qsd.socket)
+        open_device(qsd.socket)
     assert qsd.socket in str(info.value)
     qsd.start()                          # restartable on the same socket and image
-    with vblk_core.BlockDevice(qsd.socket) as dev:
+    with open_device(qsd.socket) as dev:
         dev.pwrite(b"\x01" * 512, 0)
     assert image_bytes(qsd, 0, 512) == b"\x01" * 512
 
 
 def test_close_is_idempotent_and_io_after_close_fails(qsd):
-    dev = vblk_core.BlockDevice(qsd.socket)
+    dev = open_device(qsd.socket)
     dev.pwrite(b"\x09" * 4096, 0)
     dev.close()
     dev.close()
@@ -407,14 +408,14 @@ def test_close_is_idempotent_and_io_after_close_fails(qsd):
     dev.close()
     assert image_bytes(qsd, 0, 4096) == b"\x09" * 4096
     # the daemon accepts the next front-end
-    with vblk_core.BlockDevice(qsd.socket) as dev2:
+    with open_device(qsd.socket) as dev2:
         buf = bytearray(4096)
         dev2.pread(buf, 0)
         assert buf == b"\x09" * 4096
 
 
 def test_context_manager_closes(qsd):
-    with vblk_core.BlockDevice(qsd.socket) as dev:
+    with open_device(qsd.socket) as dev:
         pass
     assert dev.state is vblk_core.DeviceState.CLOSED
     with pytest.raises(RequestError):
@@ -423,7 +424,7 @@ def test_context_manager_closes(qsd):
 
 def test_no_thread_left_after_close(qsd):
     before = {t.ident for t in threading.enumerate()}
-    dev = vblk_core.BlockDevice(qsd.socket)
+    dev = open_device(qsd.socket)
     dev.pwrite(b"\x01" * 4096, 0)
     assert any(t.name.startswith("vblk-") for t in threading.enumerate())
     dev.close()

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from fake_vhost_user import (F_EVENT_IDX, F_PROTOCOL_FEATURES, F_SIZE_MAX, F_VERSION_1,
                              INJECTED, P_CONFIG, P_REPLY_ACK, QSD_FEATURES,
                              QSD_PROTOCOL_FEATURES, FakeVhostUserBlk, Req, wait_for)
+from device_util import open_device
 from vblk_core import (BlockDevice, ConfigError, ConnectError, ControlTimeout, DeviceError,
                        DeviceState, ProtocolError, RequestError, TransportError, VblkError)
 
@@ -44,8 +45,9 @@ DISK_SIZE = 4 << 20
 PREFILL = 0xEE              # the caller's buffer before a read: never a disk byte (see pattern)
 
 #: the front-end's messages for one queue, in order (message N is HANDSHAKE[N - 1])
+# Features are settled before the config is read: its fields mean what the features say.
 HANDSHAKE = ["SET_OWNER", "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
-             "GET_QUEUE_NUM", "GET_CONFIG", "SET_FEATURES", "SET_MEM_TABLE", "SET_VRING_NUM",
+             "GET_QUEUE_NUM", "SET_FEATURES", "GET_CONFIG", "SET_MEM_TABLE", "SET_VRING_NUM",
              "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_CALL", "SET_VRING_KICK",
              "SET_VRING_ENABLE"]
 
@@ -147,7 +149,7 @@ def devices():
         kw.setdefault("control_timeout", CONTROL_TIMEOUT)
         kw.setdefault("request_timeout", REQUEST_TIMEOUT)
         kw.setdefault("reconnect_timeout", 0)
-        dev = BlockDevice(path, **kw)
+        dev = open_device(path, **kw)
         made.append(dev)
         return dev
 
@@ -373,7 +375,7 @@ def test_backend_closes_during_handshake(sock, fakes, n):
     """The back-end hangs up when message N arrives: a TransportError naming the message
     (or the next one, if N needs no reply), quickly, and nothing left open."""
     fake = fakes(sock, close_after=n)
-    err = expect_error(TransportError, "closed the connection|failed", BlockDevice, sock,
+    err = expect_error(TransportError, "closed the connection|failed", open_device, sock,
                        control_timeout=CONTROL_TIMEOUT, request_timeout=REQUEST_TIMEOUT,
                        limit=CONTROL_TIMEOUT + SLACK)
     names = HANDSHAKE[n - 1:n + 1]
@@ -389,7 +391,7 @@ def test_backend_stops_answering(sock, fakes, n):
     another front-end): ControlTimeout after about control_timeout, naming the request."""
     fake = fakes(sock, silent_from=n)
     t0 = time.monotonic()
-    err = expect_error(ControlTimeout, r"did not answer (\w+) within 1s", BlockDevice, sock,
+    err = expect_error(ControlTimeout, r"did not answer (\w+) within 1s", open_device, sock,
                        control_timeout=CONTROL_TIMEOUT, request_timeout=REQUEST_TIMEOUT,
                        limit=CONTROL_TIMEOUT + SLACK)
     assert time.monotonic() - t0 >= CONTROL_TIMEOUT * 0.9
@@ -427,7 +429,7 @@ def test_malformed_reply(sock, fakes, req, how, exc, match):
     """A malformed reply (wrong request code, wrong flags, short payload, absurd size field,
     a payload that never finishes, a refusal) fails the handshake with a clear error."""
     fake = fakes(sock, bad_reply=(req, how))
-    expect_error(exc, match, BlockDevice, sock, control_timeout=CONTROL_TIMEOUT,
+    expect_error(exc, match, open_device, sock, control_timeout=CONTROL_TIMEOUT,
                  request_timeout=REQUEST_TIMEOUT, limit=CONTROL_TIMEOUT + SLACK)
     assert fake.injected[f"bad_reply:{how}"] == 1
 
@@ -443,7 +445,7 @@ def test_missing_features(sock, fakes, features, protocol, match):
     """A back-end without VIRTIO_F_VERSION_1 (legacy), without protocol features or without
     the CONFIG protocol feature is refused with a ConnectError saying which is missing."""
     fake = fakes(sock, features=features, protocol_features=protocol)
-    expect_error(ConnectError, match, BlockDevice, sock, control_timeout=CONTROL_TIMEOUT,
+    expect_error(ConnectError, match, open_device, sock, control_timeout=CONTROL_TIMEOUT,
                  limit=CONTROL_TIMEOUT + SLACK)
     INJECTED["missing_feature"] += 1
     assert "GET_FEATURES" in fake.messages[0]
@@ -467,7 +469,7 @@ def test_missing_features(sock, fakes, features, protocol, match):
 def test_absurd_config(sock, fakes, config, exc, match):
     """Config space values that make no sense are refused at construction (DeviceError)."""
     fake = fakes(sock, config=config)
-    expect_error(exc, match, BlockDevice, sock, control_timeout=CONTROL_TIMEOUT,
+    expect_error(exc, match, open_device, sock, control_timeout=CONTROL_TIMEOUT,
                  limit=CONTROL_TIMEOUT + SLACK)
     assert "GET_CONFIG" in fake.messages[0]       # the driver did read the bad config
     INJECTED["config:" + ",".join(config)] += 1
@@ -477,7 +479,7 @@ def test_absurd_config(sock, fakes, config, exc, match):
                                              (1 << 20, r"reports 1048576 queues")])
 def test_absurd_queue_num(sock, fakes, queue_num, match):
     fake = fakes(sock, queue_num=queue_num)
-    expect_error(ProtocolError, match, BlockDevice, sock, control_timeout=CONTROL_TIMEOUT,
+    expect_error(ProtocolError, match, open_device, sock, control_timeout=CONTROL_TIMEOUT,
                  limit=CONTROL_TIMEOUT + SLACK)
     assert fake.messages[0][-1] == "GET_QUEUE_NUM"
     INJECTED["queue_num"] += 1
@@ -493,7 +495,7 @@ def test_bad_get_config_reply(sock, fakes, how, match):
     """GET_CONFIG answered with an empty payload (what the daemon does for a size it does not
     support), a cut header, the wrong offset or more bytes than asked: ProtocolError."""
     fake = fakes(sock, config_reply=how)
-    expect_error(ProtocolError, match, BlockDevice, sock, control_timeout=CONTROL_TIMEOUT,
+    expect_error(ProtocolError, match, open_device, sock, control_timeout=CONTROL_TIMEOUT,
                  limit=CONTROL_TIMEOUT + SLACK)
     assert fake.injected[f"config_reply:{how}"] == 1
 
@@ -842,7 +844,7 @@ def _one_workload(path: str, fault: str, fault_at: int, ops) -> int:
                             io_fault_at=fault_at).start()
     dev = None
     try:
-        dev = BlockDevice(path, control_timeout=CONTROL_TIMEOUT, request_timeout=REQUEST_TIMEOUT,
+        dev = open_device(path, control_timeout=CONTROL_TIMEOUT, request_timeout=REQUEST_TIMEOUT,
                           reconnect_timeout=0, bounce_buffer_size=16 << 10, bounce_buffers=4)
         failed_calls = 0
         for i, (is_read, block, nblocks) in enumerate(ops):

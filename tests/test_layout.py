@@ -5,6 +5,7 @@ import ctypes
 
 import pytest
 
+from device_util import open_device
 import vblk_core
 from vblk_core.layout import DESC_SIZE, VirtqueueLayout, align_up
 from vblk_core.virtio_blk import VirtioBlkReqSlot
@@ -177,8 +178,8 @@ def test_virtqueue_misaligned_req_area():
 def test_too_many_queues_requested(qsd_factory):
     qsd = qsd_factory(num_queues=2)
     with pytest.raises(vblk_core.ConfigError, match="Too many queues requested") as info:
-        vblk_core.BlockDevice(qsd.socket, num_queues=3)
+        open_device(qsd.socket, num_queues=3)
     assert "2" in str(info.value)
     # the failed attempt left the daemon usable
-    with vblk_core.BlockDevice(qsd.socket, num_queues=2) as dev:
+    with open_device(qsd.socket, num_queues=2) as dev:
         assert dev.num_queues == 2

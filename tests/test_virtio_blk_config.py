@@ -8,11 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk_core.errors import DeviceError
-from vblk_core.virtio_blk import (CONFIG_SIZE, MAX_CAPACITY_SECTORS, VIRTIO_BLK_F_BLK_SIZE,
-                                  VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
-                                  VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX,
-                                  VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
-                                  VIRTIO_BLK_F_WRITE_ZEROES, BlockConfig, status_to_errno)
+from vblk_core.virtio_blk import CONFIG_SIZE, MAX_CAPACITY_SECTORS, BlockConfig, status_to_errno
+
+# Feature bit numbers from the virtio 1.x spec (5.2.3), written here rather than imported so
+# that the tests do not share the driver's definitions.
+VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE = 1, 2, 6
+VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_CONFIG_WCE = 9, 10, 11
+VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES = 12, 13, 14
 
 from fake_ring_device import CONFIG_LEN, QSD_FEATURES, blk_config, qsd_like_config
 

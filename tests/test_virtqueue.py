@@ -11,13 +11,15 @@ import time
 import pytest
 
 import vblk_core
-from vblk_core import device as device_mod
-from vblk_core.errors import DeviceError, RequestError
+from vblk_core.errors import RequestError, RingError
 from vblk_core.layout import VirtqueueLayout
 from vblk_core.memory import SharedRegion
 from vblk_core.queues import BlockRequest, QueueRunner
-from vblk_core.virtio_blk import (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
-                                  VIRTIO_BLK_T_OUT, VirtioBlkReqSlot)
+from vblk_core.virtio_blk import RequestType, VirtioBlkReqSlot
+
+VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = RequestType.IN, RequestType.OUT
+VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD = RequestType.FLUSH, RequestType.DISCARD
+from vblk_core.virtio import VirtioFeature
 from vblk_core.virtqueue import Virtqueue
 
 from fake_ring_device import (F_NEXT, F_WRITE, QSD_FEATURES, S_IOERR, S_UNSUPP,
@@ -227,7 +229,7 @@ def _three_requests(vq):
 
 
 def _assert_device_error(vq, completed, match):
-    with pytest.raises(DeviceError, match=match) as info:
+    with pytest.raises(RingError, match=match) as info:
         vq.harvest()
     assert info.value.completed == completed
     return info.value
@@ -338,6 +340,21 @@ GEN = 5
 DATA_SIZE = 1 << 20
 
 
+class _QueueOnlyTransport:
+    """The one Transport method a QueueRunner calls; records the call and counts kicks."""
+
+    def __init__(self):
+        self.setups = []
+        self.kicks = 0
+
+    def setup_queue(self, index, size, desc_addr, avail_addr, used_addr, call_fd):
+        self.setups.append((index, size, desc_addr, avail_addr, used_addr, call_fd))
+        return self
+
+    def kick(self):
+        self.kicks += 1
+
+
 class RunnerEnv:
     def __init__(self, queue_size=16, size_max=0, policy=None):
         lay = VirtqueueLayout.new(1, queue_size, VirtioBlkReqSlot)
@@ -347,7 +364,8 @@ class RunnerEnv:
         self.broken: list[tuple[str, int]] = []
         self.broken_event = threading.Event()
         self.runner = QueueRunner(0, self.vq, size_max, self._on_broken)
-        self.runner.attach(GEN)
+        self.transport = _QueueOnlyTransport()
+        self.runner.attach(self.transport, GEN)
         self.ring = FakeRing.from_layout(self.region.view, 0, lay, self.region.base_addr)
         self.disk = bytearray(random.Random(1).randbytes(1 << 20))
         self.emu = BlkEmulator(self.ring, self.disk, policy)
@@ -363,11 +381,7 @@ class RunnerEnv:
         return bytes(self.region.view[self.data_off + off:self.data_off + off + n])
 
     def publish(self, req, generation=GEN):
-        with self.runner.lock:
-            result = self.runner.try_publish(req, generation)
-            if result:
-                self.runner.kick_if_needed()
-        return result
+        return self.runner.submit(req, generation)
 
     def put(self, req):
         assert self.publish(req) is True, "the ring had no room"
@@ -520,7 +534,7 @@ def test_reap_stops_at_a_broken_entry(env):
     assert good.finished and good.done.acquire(timeout=0)
     good.check()
     assert not bad.finished and not bad.done.acquire(timeout=0)
-    assert list(e.runner.in_flight.values()) == [bad]
+    assert e.runner.in_flight() == [bad]
 
 
 def _answer_later(e, delay, action):
@@ -588,9 +602,9 @@ def test_several_waiters_one_reaper(env):
     for th in threads[1:]:
         th.start()
     deadline = time.monotonic() + 5
-    while len(e.runner.waiters) < 5 and time.monotonic() < deadline:
+    while e.runner.sleeping_waiters < 5 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert len(e.runner.waiters) == 5
+    assert e.runner.sleeping_waiters == 5
     t0 = time.monotonic()
     e.emu.serve(chains[0])                      # the reaper's own request
     os.eventfd_write(e.runner.call_fd, 1)
@@ -608,7 +622,7 @@ def test_several_waiters_one_reaper(env):
         r.check()
         assert e.view(512 * i, 512) == bytes(e.disk[8 * i * 512:8 * i * 512 + 512])
     assert e.runner.stats.requests == 6 and e.runner.stats.depth == 0
-    assert not e.runner.reaper_busy and not e.runner.waiters
+    assert not e.runner.reaper_busy and not e.runner.sleeping_waiters
 
 
 def test_broken_ring_reported_to_on_broken(env):
@@ -657,13 +671,13 @@ def test_detach_finishes_completed_and_returns_the_rest(env):
     assert not pending.finished
     assert e.runner.reap() is None
     assert not pending.finished
-    assert e.runner.try_publish(BlockRequest(VIRTIO_BLK_T_FLUSH, 0), GEN) is None
+    assert e.runner.submit(BlockRequest(VIRTIO_BLK_T_FLUSH, 0), GEN) is None
 
 
 # --- BlockDevice on the fake back-end: what reaches the caller's buffer -----------------------
 
 @pytest.fixture
-def fake_device(monkeypatch):
+def fake_device():
     made = []
 
     def make(policy=None, raw_hook=None, features=QSD_FEATURES, num_queues=1, **kw):
@@ -671,9 +685,8 @@ def fake_device(monkeypatch):
         backend = FakeVhostBackend(
             FakeConfig(features, qsd_like_config(len(disk), num_queues), num_queues),
             disk, policy, raw_hook)
-        monkeypatch.setattr(device_mod, "VhostUserSession", backend.session)
         kw.setdefault("request_timeout", 10)
-        dev = vblk_core.BlockDevice("/nonexistent/fake.sock", **kw)
+        dev = vblk_core.BlockDevice.open(backend, **kw)
         made.append((dev, backend))
         return dev, backend
 
@@ -686,7 +699,7 @@ def fake_device(monkeypatch):
 
 @pytest.mark.parametrize("event_idx", [True, False])
 def test_fake_backend_round_trip(fake_device, event_idx):
-    features = QSD_FEATURES if event_idx else QSD_FEATURES & ~(1 << 29)
+    features = QSD_FEATURES if event_idx else QSD_FEATURES & ~VirtioFeature.EVENT_IDX
     dev, backend = fake_device(features=features, num_queues=2, queue_size=8,
                                bounce_buffer_size=8192, bounce_buffers=4)
     assert dev.num_queues == 2
