@@ -14,7 +14,8 @@ import vblk_core
 from vblk_core.errors import RequestError, RingError
 from vblk_core.layout import VirtqueueLayout
 from vblk_core.memory import SharedRegion
-from vblk_core.queues import BlockRequest, QueueRunner
+from vblk_core.queues import QueueRunner
+from vblk_core.request import BlockRequest
 from vblk_core.virtio_blk import RequestType, VirtioBlkReqSlot
 
 VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = RequestType.IN, RequestType.OUT

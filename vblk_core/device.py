@@ -1,9 +1,9 @@
 """The multi-queue virtio-blk block device: N virtqueues and a bounce pool in one contiguous
 shared allocation, over any Transport, safe to call from many threads.
 
-This module sets the device up, dispatches requests to queues (with back-pressure and stall
-detection) and implements the I/O verbs; supervisor.py owns the session state machine (loss,
-recovery, reconnect), queues.py the per-queue machinery.
+This module sets the device up and implements the I/O verbs; dispatch.py puts requests on
+queues (back-pressure, stall detection), supervisor.py owns the session state machine (loss,
+recovery, reconnect), queues.py the per-queue machinery, batch.py requests split in pieces.
 
     dev = BlockDevice.open(VhostUserConnector("/run/vhost.sock"), num_queues=4)
     dev.pread(buf, 0); dev.pwrite(data, 4096, fua=True); dev.close()
@@ -11,18 +11,16 @@ recovery, reconnect), queues.py the per-queue machinery.
 from __future__ import annotations
 
 import errno
-import itertools
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
+from .batch import Batch, BouncedPiece
 from .device_info import DeviceInfo, identify
+from .dispatch import Dispatcher
 from .errors import ConfigError, DeviceChanged, DeviceError, RequestError
 from .layout import VirtqueueLayout
 from .memory import PAGE_SIZE, BouncePool, SharedRegion
-from .queues import BlockRequest, QueueRunner
+from .queues import QueueRunner
+from .request import BlockRequest
 from .supervisor import DeviceState, Supervisor
 from .transport import Connector, MemoryMap, Transport
 from .virtio import VirtioFeature
@@ -78,10 +76,9 @@ class BlockDevice:
         self._device_base: int | None = None
         self._pool: BouncePool | None = None
         self._queues: list[QueueRunner] = []
-        self._seq = itertools.count()
-        self._rr = itertools.count()
-        self._affinity: dict[int, QueueRunner] = {}
         self._supervisor = Supervisor(connector, self, reconnect_timeout)
+        self._dispatch = Dispatcher(self._supervisor, request_timeout)
+        self._run = self._dispatch.run
 
     @classmethod
     def open(cls, connector: Connector, **options: Any) -> BlockDevice:
@@ -139,8 +136,9 @@ class BlockDevice:
         self._queues = [
             QueueRunner(i, Virtqueue(region.view, i * layout.end_offset, layout,
                                      region.base_addr, 8, event_idx),
-                        config.size_max, self._queue_broken)
+                        config.size_max, self._dispatch.queue_broken)
             for i in range(num_queues)]
+        self._dispatch.queues = self._queues
 
     # --- the supervisor's side (SessionHost) -----------------------------------------------
 
@@ -188,12 +186,7 @@ class BlockDevice:
                                 info.max_queues)
 
     def resubmit(self, req: BlockRequest) -> None:
-        q = req.queue or self._queues[0]
-        if not q.submit(req, self._supervisor.generation):
-            req.fail(RequestError("could not resubmit a request after reconnecting", errno.EIO))
-
-    def _queue_broken(self, reason: str, generation: int) -> None:
-        self._supervisor.lost(f"device broke the virtqueue protocol ({reason})", generation)
+        self._dispatch.resubmit(req)
 
     # --- properties ------------------------------------------------------------------------
 
@@ -250,75 +243,6 @@ class BlockDevice:
                 "bounce_buffers_in_use": pool.in_use if pool else 0,
                 "bounce_buffers_high_water": pool.high_water if pool else 0}
 
-    # --- dispatch --------------------------------------------------------------------------
-
-    def _pick_queue(self) -> QueueRunner:
-        # Thread affinity: each caller thread keeps to one queue, spread round-robin.  Keyed
-        # by OS thread id: nbdkit gives every callback a fresh Python thread state, so
-        # threading.local() would forget the choice at every request.
-        ident = threading.get_ident()
-        q = self._affinity.get(ident)
-        if q is None:
-            q = self._queues[next(self._rr) % len(self._queues)]
-            self._affinity[ident] = q
-        return q
-
-    def _submit(self, req: BlockRequest) -> None:
-        """Publish ``req`` on a queue (waiting for room or for a reconnect).  Raises
-        RequestError(EIO) if the device has failed or is closed."""
-        supervisor = self._supervisor
-        req.seq = next(self._seq)
-        q: QueueRunner | None = None
-        stalled: tuple[int, float] | None = None  # (completions seen, since when), ring full
-        while True:
-            state = supervisor.state
-            if state is DeviceState.CONNECTED:
-                q = q or self._pick_queue()
-                generation = supervisor.generation
-                published = q.submit(req, generation)
-                if published:
-                    return
-                if published is False:
-                    # Ring full: reap what is done (a waiter may not be reaping right now).
-                    broken = q.reap()
-                    now = time.monotonic()
-                    if stalled is None or stalled[0] != q.stats.requests:
-                        stalled = (q.stats.requests, now)
-                    if broken:
-                        self._queue_broken(broken, generation)
-                    elif now - stalled[1] >= self.request_timeout:
-                        # Nothing completed for request_timeout: the device sits on the ring,
-                        # and the requests in it may be our own (nobody else would notice).
-                        supervisor.lost(f"queue {q.index} stayed full with no completion "
-                                        f"for {self.request_timeout:g}s", generation)
-                        stalled = None
-                    else:
-                        q.wait_for_space(req, 0.002)
-                continue
-            if state is DeviceState.RECOVERING:
-                supervisor.wait_while_recovering(self.request_timeout)
-                continue
-            raise RequestError(supervisor.unavailable_reason(), errno.EIO)
-
-    def _wait(self, req: BlockRequest) -> None:
-        """Wait for ``req`` (without the GIL).  A request the device sits on for longer than
-        request_timeout makes the session count as lost; recovery resubmits or fails it."""
-        while not req.finished:
-            q = req.queue
-            if q is not None and q.wait(req, self.request_timeout):
-                break
-            if q is None:
-                req.done.acquire(timeout=self.request_timeout)
-            elif not req.finished:
-                self._supervisor.lost(
-                    f"a request did not complete within {self.request_timeout:g}s",
-                    req.generation)
-        req.check()
-
-    def _run(self, req: BlockRequest) -> None:
-        self._submit(req)
-        self._wait(req)
-
     # --- checks ----------------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int, what: str, write: bool) -> None:
@@ -370,7 +294,7 @@ class BlockDevice:
             finally:
                 pool.release(index)
             return
-        batch = _Batch(self)
+        batch = Batch(self._dispatch.submit, self._dispatch.wait)
         for pos in range(0, total, step):
             if batch.error is not None:
                 break
@@ -389,7 +313,8 @@ class BlockDevice:
                 region_view[boff:boff + length] = mv[pos:pos + length]
             req = BlockRequest(req_type, (offset + pos) // SECTOR_SIZE, pool.addr_of(index),
                                length, is_read)
-            batch.submit(req, _Chunk(mv, pos, region_view, boff, length, is_read, pool, index))
+            batch.submit(req, BouncedPiece(mv, pos, region_view, boff, length, is_read, pool,
+                                           index))
         batch.finish()
 
     def pread(self, buf: Any, offset: int) -> None:
@@ -422,7 +347,7 @@ class BlockDevice:
     def _ranged(self, req_type: RequestType, offset: int, length: int, max_sectors: int,
                 flags: int) -> None:
         step = max_sectors * SECTOR_SIZE // self.block_size * self.block_size
-        batch = _Batch(self)
+        batch = Batch(self._dispatch.submit, self._dispatch.wait)
         for pos in range(offset, offset + length, step):
             n = min(step, offset + length - pos)
             req = BlockRequest(req_type, 0, segment=(pos // SECTOR_SIZE, n // SECTOR_SIZE, flags))
@@ -495,74 +420,3 @@ class BlockDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Chunk:
-    """What to do when one piece of a multi-request transfer finishes: copy a read's data
-    out of its bounce buffer, then give the buffer back."""
-
-    __slots__ = ("mv", "pos", "view", "boff", "length", "is_read", "pool", "index")
-
-    def __init__(self, mv: memoryview, pos: int, view: memoryview, boff: int, length: int,
-                 is_read: bool, pool: BouncePool, index: int) -> None:
-        self.mv, self.pos, self.view, self.boff = mv, pos, view, boff
-        self.length, self.is_read, self.pool, self.index = length, is_read, pool, index
-
-    def __call__(self, ok: bool) -> None:
-        try:
-            if ok and self.is_read:
-                self.mv[self.pos:self.pos + self.length] = \
-                    self.view[self.boff:self.boff + self.length]
-        finally:
-            self.pool.release(self.index)
-
-
-def _nothing(ok: bool) -> None:
-    pass
-
-
-class _Batch:
-    """Requests submitted together: every one is waited for, even after an error, and the
-    first error is raised at the end.  ``done(ok)`` runs once per request, in order."""
-
-    def __init__(self, device: BlockDevice) -> None:
-        self._device = device
-        self._pending: deque[tuple[BlockRequest, Callable[[bool], None]]] = deque()
-        self.error: BaseException | None = None
-
-    def record(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-
-    def submit(self, req: BlockRequest, done: Callable[[bool], None] = _nothing) -> bool:
-        """Submit ``req``; False (and ``done(False)`` at once) if that failed."""
-        try:
-            self._device._submit(req)
-        except BaseException as e:
-            self.record(e)
-            done(False)
-            return False
-        self._pending.append((req, done))
-        return True
-
-    def finish_oldest(self) -> bool:
-        """Wait for the oldest pending request; False if none was pending."""
-        if not self._pending:
-            return False
-        req, done = self._pending.popleft()
-        ok = False
-        try:
-            self._device._wait(req)
-            ok = self.error is None
-        except BaseException as e:
-            self.record(e)
-        finally:
-            done(ok)
-        return True
-
-    def finish(self) -> None:
-        """Wait for everything pending; raise the first error."""
-        while self.finish_oldest():
-            pass
-        if self.error is not None:
-            raise self.error

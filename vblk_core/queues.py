@@ -1,14 +1,11 @@
-"""Requests in flight and the per-virtqueue machinery of the block device.
+"""The per-virtqueue machinery of the block device.
 
-A ``BlockRequest`` keeps everything needed to build its descriptor chain again (type, sector,
-where its data lives), outside the rings, so a request can be resubmitted on a new session.
 A ``QueueRunner`` owns one Virtqueue and its lock: it publishes requests, kicks the device
 through the transport's Kicker, and lets the waiting threads harvest completions themselves
 (one reaper at a time sleeps in poll() on the call eventfd without the GIL).
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -16,83 +13,15 @@ import threading
 import time
 from typing import Callable
 
-from .errors import RequestError, RingError
+from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil
+from .request import STATUS_UNSET, BlockRequest
 from .transport import Kicker, Transport
-from .virtio_blk import (HEADER, HEADER_OFFSET, REQUEST_NAMES, SEGMENT, SEGMENT_OFFSET,
-                         STATUS_OFFSET, VIRTIO_BLK_S_OK, RequestType, status_error)
+from .virtio_blk import (HEADER, HEADER_OFFSET, SEGMENT, SEGMENT_OFFSET, STATUS_OFFSET,
+                         VIRTIO_BLK_S_OK, RequestType)
 from .virtqueue import Virtqueue
 
 log = logging.getLogger("vblk")
-
-_STATUS_UNSET = 0xFF  # preset so a device that never writes the status cannot fake success
-
-
-class BlockRequest:
-    """One virtio-blk request.
-
-    ``finished`` turns True once (completed by the device or failed); ``done`` is a lock its
-    waiter sleeps on, released to wake it (for completion or to hand it the reaper role).
-    """
-
-    __slots__ = ("type", "sector", "data_addr", "data_len", "device_writes", "segment",
-                 "done", "finished", "status", "written", "error", "attempts", "seq",
-                 "queue", "generation")
-
-    def __init__(self, req_type: int, sector: int, data_addr: int = 0, data_len: int = 0,
-                 device_writes: bool = False, segment: tuple[int, int, int] | None = None) -> None:
-        self.type = req_type
-        self.sector = sector
-        self.data_addr = data_addr
-        self.data_len = data_len
-        self.device_writes = device_writes
-        self.segment = segment
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.finished = False
-        self.status = _STATUS_UNSET
-        self.written = 0
-        self.error: Exception | None = None
-        self.attempts = 0
-        self.seq = 0
-        self.queue: QueueRunner | None = None
-        self.generation = -1
-
-    def descriptor_count(self, size_max: int) -> int:
-        """Descriptors this request's chain needs (header, segment, data pieces, status)."""
-        n = 2 + (1 if self.segment else 0)
-        if self.data_len:
-            n += -(-self.data_len // size_max) if size_max else 1
-        return n
-
-    def wake(self) -> None:
-        try:
-            self.done.release()
-        except RuntimeError:
-            pass  # already released: the waiter re-checks ``finished`` anyway
-
-    def fail(self, error: Exception) -> None:
-        self.error = error
-        self.finished = True
-        self.wake()
-
-    def check(self) -> None:
-        """Raise the request's error, judging the status byte and the written length."""
-        if self.error is not None:
-            raise self.error
-        if self.status != VIRTIO_BLK_S_OK:
-            raise status_error(self.status, _describe(self))
-        if self.type == RequestType.IN and self.written != self.data_len + 1:
-            raise RequestError(f"{_describe(self)}: short read, the device reported "
-                               f"{max(self.written - 1, 0)} of {self.data_len} bytes", errno.EIO)
-
-
-def _describe(req: BlockRequest) -> str:
-    what = REQUEST_NAMES.get(req.type, f"request type {req.type}")
-    if req.data_len:
-        return f"{what} of {req.data_len} bytes at sector {req.sector}"
-    return what
-
 
 class QueueStats:
     """Counters of one virtqueue, read by callers (plain ints: reads need no lock)."""
@@ -143,6 +72,23 @@ class QueueRunner:
         self._kick: Callable[[], None] = _not_attached
         self._poller: select.poll | None = None
         self._stopping = False
+
+    # --- observation (tests, stats) ---------------------------------------------------------
+
+    @property
+    def reaper_busy(self) -> bool:
+        """Whether a waiter is currently reaping completions."""
+        return self._reaper_busy
+
+    @property
+    def sleeping_waiters(self) -> int:
+        """How many waiters sleep until the reaper wakes them."""
+        return len(self._waiters)
+
+    def in_flight(self) -> list[BlockRequest]:
+        """The requests published and not completed, in no particular order."""
+        with self._lock:
+            return list(self._in_flight.values())
 
     def _barrier(self) -> None:
         # Acquiring a lock is an atomic read-modify-write: a full barrier on x86, which orders
@@ -244,7 +190,7 @@ class QueueRunner:
         slot_addr = vq.slot_addr(head)
         mem = vq.mem
         HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)
-        mem[slot + STATUS_OFFSET] = _STATUS_UNSET
+        mem[slot + STATUS_OFFSET] = STATUS_UNSET
         if req.segment is None and req.data_len and (
                 not self.size_max or req.data_len <= self.size_max):
             vq.add_data_chain(slot_addr + HEADER_OFFSET, HEADER.size, req.data_addr,
