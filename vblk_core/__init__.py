@@ -6,8 +6,18 @@ device (the multi-queue block device).
 """
 from .device import BlockDevice
 from .device_info import DeviceIdentity, DeviceInfo, probe
-from .errors import (ConfigError, ConnectError, ControlTimeout, DeviceChanged, DeviceError,
-                     ProtocolError, RequestError, RingError, TransportError, VblkError)
+from .errors import (
+                     ConfigError,
+                     ConnectError,
+                     ControlTimeout,
+                     DeviceChanged,
+                     DeviceError,
+                     ProtocolError,
+                     RequestError,
+                     RingError,
+                     TransportError,
+                     VblkError,
+)
 from .layout import VirtqueueLayout
 from .supervisor import DeviceState
 from .transport import Connector, Transport

@@ -24,9 +24,16 @@ from .request import BlockRequest
 from .supervisor import DeviceState, Supervisor
 from .transport import Connector, MemoryMap, Transport
 from .virtio import VirtioFeature
-from .virtio_blk import (SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-                         BlkFeature, BlockConfig, RequestType, VirtioBlkReqSlot,
-                         queue_size_problem)
+from .virtio_blk import (
+    SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    BlkFeature,
+    BlockConfig,
+    RequestType,
+    VirtioBlkReqSlot,
+    queue_size_problem,
+)
 from .virtqueue import Virtqueue
 
 DEFAULT_MAX_QUEUES = 4
@@ -299,15 +306,14 @@ class BlockDevice:
             if batch.error is not None:
                 break
             length = min(step, total - pos)
-            index = pool.try_acquire()
-            while index is None and batch.finish_oldest():
-                index = pool.try_acquire()
-            if index is None:
-                try:
-                    index = pool.acquire(self.request_timeout)
-                except RequestError as e:
-                    batch.record(e)
-                    break
+            free = pool.try_acquire()
+            while free is None and batch.finish_oldest():
+                free = pool.try_acquire()
+            try:
+                index = pool.acquire(self.request_timeout) if free is None else free
+            except RequestError as e:
+                batch.record(e)
+                break
             boff = pool.offset_of(index)
             if not is_read:
                 region_view[boff:boff + length] = mv[pos:pos + length]

@@ -33,7 +33,7 @@ class VirtqueueLayout:
     end_offset: int
 
     @staticmethod
-    def new(num_queues: int, queue_size: int, req_type: type[ctypes.Structure]) -> "VirtqueueLayout":
+    def new(num_queues: int, queue_size: int, req_type: type[ctypes.Structure]) -> VirtqueueLayout:
         """Compute the layout of ``num_queues`` queues of ``queue_size`` entries.
 
         Raises ValueError("Invalid queue size") unless queue_size is a power of two in 1..32768,

@@ -17,8 +17,15 @@ from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil
 from .request import STATUS_UNSET, BlockRequest
 from .transport import Kicker, Transport
-from .virtio_blk import (HEADER, HEADER_OFFSET, SEGMENT, SEGMENT_OFFSET, STATUS_OFFSET,
-                         VIRTIO_BLK_S_OK, RequestType)
+from .virtio_blk import (
+    HEADER,
+    HEADER_OFFSET,
+    SEGMENT,
+    SEGMENT_OFFSET,
+    STATUS_OFFSET,
+    VIRTIO_BLK_S_OK,
+    RequestType,
+)
 from .virtqueue import Virtqueue
 
 log = logging.getLogger("vblk")
@@ -274,6 +281,8 @@ class QueueRunner:
         generation = self.generation
         poller = self._poller
         call_fd = self.call_fd
+        if poller is None:  # detached before we got here
+            return
         while True:
             broken = self.reap()
             if broken:

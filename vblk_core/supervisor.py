@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .device_info import DeviceInfo, identify
 from .errors import DeviceChanged, RequestError
-from .queues import BlockRequest
+from .request import BlockRequest
 from .transport import Connector, Transport
 
 log = logging.getLogger("vblk")

@@ -46,7 +46,8 @@ class Request(enum.IntEnum):
 PROTOCOL_F_MQ = 0
 PROTOCOL_F_REPLY_ACK = 3
 PROTOCOL_F_CONFIG = 9
-WANTED_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (1 << PROTOCOL_F_CONFIG)
+WANTED_PROTOCOL_FEATURES = ((1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK)
+                            | (1 << PROTOCOL_F_CONFIG))
 
 FLAG_VERSION = 0x1
 FLAG_REPLY = 0x4
@@ -106,7 +107,7 @@ class VhostUserConnector:
         self.timeout = timeout
         self.target = f"vhost-user socket {path}"
 
-    def connect(self) -> "VhostUserTransport":
+    def connect(self) -> VhostUserTransport:
         return VhostUserTransport(self.path, self.timeout)
 
 
@@ -200,7 +201,8 @@ class VhostUserTransport(Transport):
             raise self._fail(ProtocolError(
                 f"back-end answered {request.name} with a reply to request {code}"))
         if flags & ~0x7 or not flags & FLAG_REPLY or flags & 0x3 != FLAG_VERSION:
-            raise self._fail(ProtocolError(f"back-end reply to {request.name} has flags {flags:#x}"))
+            raise self._fail(ProtocolError(
+                f"back-end reply to {request.name} has flags {flags:#x}"))
         if size > MAX_PAYLOAD:
             raise self._fail(ProtocolError(
                 f"back-end reply to {request.name} claims a {size}-byte payload"))
@@ -213,9 +215,11 @@ class VhostUserTransport(Transport):
         if len(payload) != U64.size:
             raise self._fail(ProtocolError(
                 f"back-end reply to {request.name} is {len(payload)} bytes, expected 8"))
-        return U64.unpack(payload)[0]
+        value: int = U64.unpack(payload)[0]
+        return value
 
-    def _command(self, request: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
+    def _command(self, request: Request, payload: bytes = b"",
+                 fds: list[int] | None = None) -> None:
         """Send a message that has no reply of its own; wait for an ack if REPLY_ACK is on."""
         ack = bool(self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1)
         with self._lock:

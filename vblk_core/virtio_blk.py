@@ -48,9 +48,10 @@ class RequestType(enum.IntEnum):
 
 
 #: How a request type reads in messages.
-REQUEST_NAMES = {RequestType.IN: "read", RequestType.OUT: "write", RequestType.FLUSH: "flush",
-                 RequestType.GET_ID: "get-id", RequestType.DISCARD: "discard",
-                 RequestType.WRITE_ZEROES: "write-zeroes"}
+REQUEST_NAMES: dict[int, str] = {
+    RequestType.IN: "read", RequestType.OUT: "write", RequestType.FLUSH: "flush",
+    RequestType.GET_ID: "get-id", RequestType.DISCARD: "discard",
+    RequestType.WRITE_ZEROES: "write-zeroes"}
 
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 VIRTIO_BLK_ID_BYTES = 20
@@ -135,7 +136,7 @@ class BlockConfig:
     write_zeroes_may_unmap: bool
 
     @staticmethod
-    def parse(data: bytes, features: int) -> "BlockConfig":
+    def parse(data: bytes, features: int) -> BlockConfig:
         """Parse config space bytes given the negotiated ``features``.
 
         Raises DeviceError for a short buffer or values that make no sense (capacity 0 or
@@ -186,7 +187,8 @@ class BlockConfig:
             max_discard, max_discard_seg, discard_align = 0, 0, 0
         if has(BlkFeature.WRITE_ZEROES):
             if max_wz == 0 or max_wz_seg == 0:
-                raise DeviceError("device offers WRITE_ZEROES with a zero max_write_zeroes_sectors/seg")
+                raise DeviceError("device offers WRITE_ZEROES with a zero "
+                                  "max_write_zeroes_sectors/seg")
         else:
             max_wz, max_wz_seg, wz_may_unmap = 0, 0, 0
         return BlockConfig(

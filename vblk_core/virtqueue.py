@@ -60,7 +60,8 @@ class Virtqueue:
         """Set the device address of mem[0] (ring addresses follow).  Raises
         ValueError("Insufficient memory alignment") if the rings or slots would be misaligned."""
         offset, layout = self.offset, self.layout
-        if (guest_base + offset) % 16 or (guest_base + offset + layout.req_offset) % self.req_alignment:
+        start = guest_base + offset
+        if start % 16 or (start + layout.req_offset) % self.req_alignment:
             raise ValueError("Insufficient memory alignment")
         self.desc_addr = guest_base + offset
         self.avail_addr = guest_base + offset + layout.avail_offset
