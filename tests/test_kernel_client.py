@@ -146,8 +146,9 @@ def require_tools() -> None:
         pytest.fail(f"{PLUGIN} is missing: nothing to test")
     if missing:
         pytest.fail(f"the kernel NBD client test needs {', '.join(missing)}: "
-                    "run scripts/setup --vm (packages qemu-system-x86 qemu-system-common nbdkit "
-                    "busybox-static nbd-client kmod e2fsprogs)")
+                    "run scripts/setup --vm (packages qemu-system-x86, qemu-storage-daemon's "
+                    "qemu-system-common on Debian 12 / qemu-utils on Debian 13, nbdkit, "
+                    "busybox-static, nbd-client, kmod, e2fsprogs, zstd)")
 
 
 def first_difference(a: bytes, b: bytes) -> int:
