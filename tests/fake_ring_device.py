@@ -434,38 +434,46 @@ class _FakeSession(Transport):
     # the device
 
     def _serve(self, index: int, ring: FakeRing, call_fd: int, kick_fd: int) -> None:
-        emu = BlkEmulator(ring, self.backend.disk, self.backend.policy)
-        poller = select.poll()
-        poller.register(kick_fd, select.POLLIN)
-        poller.register(self._stop, select.POLLIN)
-        try:
+        serve_queue(self.backend, index, ring, call_fd, kick_fd, self._stop)
+
+
+def serve_queue(backend: FakeVhostBackend, index: int, ring: FakeRing, call_fd: int,
+                kick_fd: int, stop_fd: int) -> None:
+    """Serve queue ``index`` until ``stop_fd`` is signalled: wait for a kick, answer every
+    available chain (``backend``'s raw_hook first, else a BlkEmulator on its disk), signal
+    ``call_fd``.  Closes call_fd and kick_fd at the end; errors go to backend.errors."""
+    emu = BlkEmulator(ring, backend.disk, backend.policy)
+    poller = select.poll()
+    poller.register(kick_fd, select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
+    try:
+        while True:
+            events = dict(poller.poll())
+            if stop_fd in events:
+                return
+            try:
+                os.eventfd_read(kick_fd)
+            except BlockingIOError:
+                continue
+            answered = False
             while True:
-                events = dict(poller.poll())
-                if self._stop in events:
-                    return
-                try:
-                    os.eventfd_read(kick_fd)
-                except BlockingIOError:
-                    continue
-                answered = False
-                while True:
-                    while (chain := ring.pop()) is not None:
-                        with self.backend.lock:
-                            hook = self.backend.raw_hook
-                            if hook is None or not hook(index, ring, chain):
-                                emu.serve(chain)
-                        answered = True
-                    # EVENT_IDX: ask for a kick at the next request, then look once more
-                    ring.set_avail_event(ring.last_avail)
-                    if not ring.pending():
-                        break
-                if answered:
-                    os.eventfd_write(call_fd, 1)
-        except BaseException as e:  # surfaced by the tests through backend.errors
-            self.backend.errors.append(e)
-        finally:
-            os.close(call_fd)
-            os.close(kick_fd)
+                while (chain := ring.pop()) is not None:
+                    with backend.lock:
+                        hook = backend.raw_hook
+                        if hook is None or not hook(index, ring, chain):
+                            emu.serve(chain)
+                    answered = True
+                # EVENT_IDX: ask for a kick at the next request, then look once more
+                ring.set_avail_event(ring.last_avail)
+                if not ring.pending():
+                    break
+            if answered:
+                os.eventfd_write(call_fd, 1)
+    except BaseException as e:  # surfaced by the tests through backend.errors
+        backend.errors.append(e)
+    finally:
+        os.close(call_fd)
+        os.close(kick_fd)
 
 
 class _Kicker:

@@ -120,6 +120,9 @@ class BlockDevice:
                               f"{self.target} offers {info.max_queues}. Use num-queues="
                               f"{info.max_queues} or less, or give the device more queues "
                               "(qemu-storage-daemon: num-queues= in --export)")
+        if self.queue_size > info.max_queue_size:
+            raise ConfigError(f"queue size {self.queue_size} is too big: the device at "
+                              f"{self.target} accepts up to {info.max_queue_size} entries")
         self.info = info
         self.features = info.features
         self.capacity = config.capacity

@@ -23,10 +23,12 @@ class DeviceIdentity:
 @dataclass(frozen=True)
 class DeviceInfo:
     """A device as negotiated: ``features`` agreed, ``config`` validated, ``max_queues`` the
-    virtqueues it offers (the transport's count, capped by the config's num_queues with MQ)."""
+    virtqueues it offers (the transport's count, capped by the config's num_queues with MQ),
+    ``max_queue_size`` the largest ring it accepts."""
     features: int
     config: BlockConfig
     max_queues: int
+    max_queue_size: int = 32768
 
     @property
     def identity(self) -> DeviceIdentity:
@@ -52,7 +54,7 @@ def identify(transport: Transport) -> DeviceInfo:
     config = BlockConfig.parse(transport.read_config(CONFIG_SIZE), features)
     queues = (min(transport.max_queues, config.num_queues)
               if features & BlkFeature.MQ else 1)
-    return DeviceInfo(features, config, queues)
+    return DeviceInfo(features, config, queues, transport.max_queue_size)
 
 
 def probe(connector: Connector) -> DeviceInfo:
