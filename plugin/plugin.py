@@ -9,26 +9,28 @@
 #   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py socket=/tmp/vhost.sock num-queues=4
 #
 # Then e.g.:  nbdinfo 'nbd+unix:///?socket=/tmp/vblk.sock'
-# `nbdkit python plugin/plugin.py --help` lists the keys; README.md explains them.
+# The keys are documented in README.md ("Configuration keys"); unknown keys are refused.
 #
-# Every callback delegates to vblk_core; this file only adapts nbdkit's calling conventions.
+# This file holds only nbdkit's callbacks, adapting its calling conventions: the driver is
+# vblk_core, the configuration, private daemon and stats file are in vblk_plugin/ beside it.
 # One device session per nbdkit process is shared by every NBD connection.
 
-import builtins
 import errno
-import json
 import logging
 import os
 import sys
-import threading
 
 import nbdkit
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _path in (_HERE, os.path.dirname(_HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from vblk_core import BlockDevice, VblkError  # noqa: E402
-from vblk_core.plugin_config import KEYS, PluginConfig  # noqa: E402
-from vblk_core.qsd import ManagedDaemon  # noqa: E402
+from vblk_core import BlockDevice, VblkError, VhostUserConnector  # noqa: E402
+from vblk_plugin.config import PluginConfig, probe_device  # noqa: E402
+from vblk_plugin.daemon import ManagedDaemon  # noqa: E402
+from vblk_plugin.stats import StatsWriter  # noqa: E402
 
 API_VERSION = 2
 MAX_REQUEST = 64 * 1024 * 1024  # nbdkit's own limit on one NBD request
@@ -36,8 +38,7 @@ MAX_REQUEST = 64 * 1024 * 1024  # nbdkit's own limit on one NBD request
 cfg = PluginConfig()
 device = None
 daemon = None
-stats_thread = None
-stats_stop = threading.Event()
+stats = None
 
 
 class _NbdkitLogHandler(logging.Handler):
@@ -55,19 +56,15 @@ _log.setLevel(logging.INFO)
 _log.propagate = False
 
 
+def _warn(msg):
+    _log.warning("vblk: %s", msg)
+
+
 def _fail(e):
     """Pass a vblk_core error to the client with its errno; nbdkit logs the message."""
     nbdkit.set_error(getattr(e, "errno", errno.EIO) or errno.EIO)
     # A fresh exception without the driver's frames keeps nbdkit's log to the message.
     raise RuntimeError(f"vblk: {e}") from None
-
-
-def config_help():
-    return "\n".join(f"{k}=  {v}" for k, v in KEYS.items())
-
-
-def thread_model():
-    return nbdkit.THREAD_MODEL_PARALLEL
 
 
 def _config_error(e):
@@ -79,6 +76,10 @@ def _config_error(e):
     os._exit(1)
 
 
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
 def config(key, value):
     try:
         cfg.set(key, value)
@@ -87,8 +88,12 @@ def config(key, value):
 
 
 def config_complete():
+    # Everything that can be checked before nbdkit listens is checked here, including what a
+    # socket= back-end offers (a probe connection): after nbdkit has bound its socket, a
+    # failure would leave the socket file behind and print a Python traceback.
     try:
         cfg.complete()
+        probe_device(cfg)
     except VblkError as e:
         _config_error(e)
 
@@ -96,45 +101,29 @@ def config_complete():
 def after_fork():
     # nbdkit forks (when it daemonizes) after get_ready: threads, the device session and the
     # managed daemon must all belong to the final process.
-    global device, daemon, stats_thread
+    global device, daemon, stats
     try:
         socket_path = cfg.socket
         if cfg.image:
             daemon = ManagedDaemon(cfg.image, cfg.format, cfg.num_queues or 4, cfg.aio)
             daemon.start()
             socket_path = daemon.socket
-        device = BlockDevice(socket_path, num_queues=cfg.num_queues, queue_size=cfg.queue_size,
-                             bounce_buffers=cfg.bounce_buffers,
-                             request_timeout=cfg.request_timeout,
-                             reconnect_timeout=cfg.reconnect_timeout)
+        device = BlockDevice.open(VhostUserConnector(socket_path, timeout=5.0),
+                                  num_queues=cfg.num_queues, queue_size=cfg.queue_size,
+                                  bounce_buffers=cfg.bounce_buffers,
+                                  request_timeout=cfg.request_timeout,
+                                  reconnect_timeout=cfg.reconnect_timeout)
     except VblkError as e:
         _stop_daemon()
         key = "image" if cfg.image else "socket"
         raise RuntimeError(f"{key}: {e}") from None
     if daemon is not None and cfg.reconnect_timeout > 0:
-        daemon.supervise(on_event=lambda msg: _log.warning("vblk: %s", msg))
+        daemon.supervise(on_event=_warn)
     nbdkit.debug(f"vblk: {device.num_queues} of {device.device_queues} queues, "
                  f"queue size {device.queue_size}, capacity {device.capacity}")
     if cfg.stats:
-        stats_thread = threading.Thread(target=_stats_loop, name="vblk-stats", daemon=True)
-        stats_thread.start()
-
-
-def _write_stats():
-    if device is None or not cfg.stats:
-        return
-    tmp = cfg.stats + ".tmp"
-    with builtins.open(tmp, "w") as f:
-        json.dump(device.stats(), f, indent=1)
-    os.replace(tmp, cfg.stats)
-
-
-def _stats_loop():
-    while not stats_stop.wait(1.0):
-        try:
-            _write_stats()
-        except OSError as e:
-            _log.warning("vblk: cannot write stats=%s: %s", cfg.stats, e)
+        stats = StatsWriter(cfg.stats, device.stats, _warn)
+        stats.start()
 
 
 def _stop_daemon():
@@ -145,13 +134,11 @@ def _stop_daemon():
 
 
 def cleanup():
-    global device
-    stats_stop.set()
+    global device, stats
+    if stats is not None:
+        stats.stop()
+        stats = None
     if device is not None:
-        try:
-            _write_stats()
-        except OSError as e:
-            _log.warning("vblk: cannot write stats=%s: %s", cfg.stats, e)
         device.close()
         device = None
     _stop_daemon()

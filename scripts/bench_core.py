@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vblk_core import BlockDevice  # noqa: E402
+from vblk_core import BlockDevice, VhostUserConnector
+from vblk_tools.harness import HarnessError, Qsd
 
 TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = [("4k randread qd1", 4096, 1, "randread"), ("4k randread qd32", 4096, 32, "randread"),
@@ -99,6 +99,35 @@ class Driver:
         self.dev.pwrite(buf, off)
 
 
+def report(dev: BlockDevice, engines: list, o: argparse.Namespace, size: int,
+           qsd_pid: int) -> None:
+    """Run every workload on every engine, rounds interleaved, and print the medians."""
+    results: dict = {}
+    for rnd in range(o.rounds):
+        for wname, bs, depth, kind in WORKLOADS:
+            for eng in engines:
+                r = run(eng, size, bs, depth, kind, o.seconds, qsd_pid)
+                results.setdefault((wname, eng.name), []).append(r)
+                print(f"round {rnd + 1}/{o.rounds} {wname:17s} {eng.name:10s} "
+                      f"{r['ops']:9.0f} ops/s {r['mbs']:8.1f} MB/s "
+                      f"{r['cpu_us']:6.1f} us/req (+daemon {r['qsd_us']:5.1f})", flush=True)
+    print(f"\n## vblk_core alone vs os.preadv — medians of {o.rounds} x {o.seconds:g}s, "
+          f"{o.queues} queues, daemon aio={o.aio}\n")
+    print("| workload | os.preadv | vblk_core | ratio | CPU us/req preadv | vblk (+daemon) |")
+    print("|---|---|---|---|---|---|")
+    for wname, bs, _d, _k in WORKLOADS:
+        ref, drv = results[(wname, "os.preadv")], results[(wname, "vblk_core")]
+        key = "ops" if bs == 4096 else "mbs"
+        unit = "IOPS" if bs == 4096 else "MB/s"
+        a = statistics.median(r[key] for r in ref)
+        b = statistics.median(r[key] for r in drv)
+        print(f"| {wname} | {a:,.0f} {unit} | {b:,.0f} {unit} | {b / a:.2f} | "
+              f"{statistics.median(r['cpu_us'] for r in ref):.1f} | "
+              f"{statistics.median(r['cpu_us'] for r in drv):.1f} "
+              f"(+{statistics.median(r['qsd_us'] for r in drv):.1f}) |")
+    print(f"\nstats: {dev.stats()['totals']}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -111,70 +140,29 @@ def main() -> int:
     if o.quick:
         o.seconds, o.rounds = 1.5, 1
     tmp = tempfile.mkdtemp(prefix="vblk-bench-core-")
-    image, sock = os.path.join(tmp, "img"), os.path.join(tmp, "vhost.sock")
+    image = os.path.join(tmp, "img")
     size = o.size_mib << 20
     with open(image, "wb") as f:  # real data, so reads are not of holes
         chunk = os.urandom(1 << 20)
         for _ in range(o.size_mib):
             f.write(chunk)
-    aio = "" if o.aio == "threads" else ",aio=io_uring"
-    qsd = subprocess.Popen([
-        "qemu-storage-daemon", "--blockdev",
-        f"driver=file,node-name=file0,filename={image}{aio}",
-        "--blockdev", "driver=raw,node-name=raw0,file=file0",
-        "--export", f"type=vhost-user-blk,id=exp0,node-name=raw0,addr.type=unix,"
-                    f"addr.path={sock},writable=on,num-queues={o.queues}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qsd = Qsd(tmp, name="qsd", image=image, num_queues=o.queues, aio=o.aio)
     dev = None
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline or qsd.poll() is not None:
-                print("qemu-storage-daemon did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
-        time.sleep(0.2)
-        dev = BlockDevice(sock, num_queues=o.queues, reconnect_timeout=0)
-        engines = [Preadv(image), Driver(dev)]
-        results: dict = {}
-        for rnd in range(o.rounds):
-            for wname, bs, depth, kind in WORKLOADS:
-                for eng in engines:
-                    r = run(eng, size, bs, depth, kind, o.seconds, qsd.pid)
-                    results.setdefault((wname, eng.name), []).append(r)
-                    print(f"round {rnd + 1}/{o.rounds} {wname:17s} {eng.name:10s} "
-                          f"{r['ops']:9.0f} ops/s {r['mbs']:8.1f} MB/s "
-                          f"{r['cpu_us']:6.1f} us/req (+daemon {r['qsd_us']:5.1f})", flush=True)
-        print(f"\n## vblk_core alone vs os.preadv — medians of {o.rounds} x {o.seconds:g}s, "
-              f"{o.queues} queues, daemon aio={o.aio}\n")
-        print("| workload | os.preadv | vblk_core | ratio | CPU us/req preadv | vblk (+daemon) |")
-        print("|---|---|---|---|---|---|")
-        for wname, bs, _d, _k in WORKLOADS:
-            ref, drv = results[(wname, "os.preadv")], results[(wname, "vblk_core")]
-            key = "ops" if bs == 4096 else "mbs"
-            unit = "IOPS" if bs == 4096 else "MB/s"
-            a = statistics.median(r[key] for r in ref)
-            b = statistics.median(r[key] for r in drv)
-            print(f"| {wname} | {a:,.0f} {unit} | {b:,.0f} {unit} | {b / a:.2f} | "
-                  f"{statistics.median(r['cpu_us'] for r in ref):.1f} | "
-                  f"{statistics.median(r['cpu_us'] for r in drv):.1f} "
-                  f"(+{statistics.median(r['qsd_us'] for r in drv):.1f}) |")
-        print(f"\nstats: {dev.stats()['totals']}")
+        try:
+            qsd.start()
+        except HarnessError as e:
+            print(f"bench_core: {e}", file=sys.stderr)
+            return 1
+        dev = BlockDevice.open(VhostUserConnector(qsd.socket), num_queues=o.queues,
+                               reconnect_timeout=0)
+        assert qsd.pid is not None
+        report(dev, [Preadv(image), Driver(dev)], o, size, qsd.pid)
     finally:
         if dev is not None:
             dev.close()
-        qsd.terminate()
-        try:
-            qsd.wait(10)
-        except subprocess.TimeoutExpired:
-            qsd.kill()
-            qsd.wait()
-        for name in ("img", "vhost.sock"):
-            try:
-                os.unlink(os.path.join(tmp, name))
-            except OSError:
-                pass
-        os.rmdir(tmp)
+        qsd.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Unit tests of vblk_core.plugin_config.PluginConfig (no nbdkit): every key, every check in
-complete(), and a fuzz: any key/value strings are either accepted or refused with a
-ConfigError carrying a message, never another exception."""
+"""Unit tests of vblk_plugin.config (no nbdkit): every key of PluginConfig, every check in
+complete() and check_device(), and a fuzz: any key/value strings are either accepted or
+refused with a ConfigError carrying a message, never another exception."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vblk_core.errors import ConfigError, VblkError
-from vblk_core.plugin_config import KEYS, MAX_QUEUES, PluginConfig
+from vblk_plugin.config import KEYS, MAX_QUEUES, PluginConfig, check_device
 
 
 @pytest.fixture
@@ -105,17 +105,18 @@ def test_timeouts_and_bounce_buffers_accepted():
 # --- refused values ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value,match", [
-    ("0", "queue-size=0 is out of range"),
-    ("1", "queue-size=1 is out of range"),   # a request needs 3 descriptors:
-    ("2", "queue-size=2 is out of range"),   # BlockDevice refuses < 4, so must the config
-
-    ("3", "queue-size=3 is "),
-    ("6", "queue-size=6 is not a power of two"),
-    ("1000", "queue-size=1000 is not a power of two"),
-    ("65536", "queue-size=65536 is out of range"),
+    # The driver's rule (vblk_core.virtio_blk.queue_size_problem): a request needs 3
+    # descriptors, so rings below 4 are refused, and the ring size is a power of two.
+    ("0", "queue-size=0 is not a usable ring size: use a power of two from 4 to 32768"),
+    ("1", "queue-size=1 is not a usable ring size"),
+    ("2", "queue-size=2 is not a usable ring size"),
+    ("3", "queue-size=3 is not a usable ring size"),
+    ("6", "queue-size=6 is not a usable ring size: use a power of two"),
+    ("1000", "queue-size=1000 is not a usable ring size"),
+    ("65536", "queue-size=65536 is not a usable ring size"),
     ("abc", "queue-size='abc' is not a whole number"),
     ("", "queue-size='' is not a whole number"),
-    ("-4", "queue-size=-4 is out of range"),
+    ("-4", "queue-size=-4 is not a usable ring size"),
     ("1.5", "queue-size='1.5' is not a whole number"),
 ])
 def test_queue_size_refused(value, match):
@@ -297,3 +298,26 @@ def test_fuzz_any_key_value_is_accepted_or_config_error(pairs):
 def test_path_with_nul_refused(key):
     # A NUL cannot reach the OS: it must be a ConfigError, not os.stat's ValueError later.
     refused(key, "/tmp/a\0b", match=key)
+
+
+# --- check_device (what a socket= back-end offers; probed in config_complete) ------------------
+
+class _Offer:
+    def __init__(self, max_queues: int) -> None:
+        self.max_queues = max_queues
+
+
+def test_check_device_queue_count(unix_socket):
+    c = cfg_with(socket=unix_socket, num_queues="4")
+    check_device(c, _Offer(4))
+    check_device(c, _Offer(8))
+    with pytest.raises(ConfigError) as ei:
+        check_device(c, _Offer(2))
+    msg = str(ei.value)
+    assert msg.startswith(f"num-queues=4 is more than the 2 the device at socket={unix_socket} "
+                          "offers: use num-queues=2 or fewer"), msg
+    assert "\n" not in msg
+
+
+def test_check_device_default_queue_count_always_fits(unix_socket):
+    check_device(cfg_with(socket=unix_socket), _Offer(1))

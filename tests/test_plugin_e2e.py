@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -20,8 +20,17 @@ import time
 import psutil
 import pytest
 
-from nbdkit_util import (Nbdkit, assert_same_bytes, kill_procs, qsd_processes, read_file,
-                         remove_tree, run_nbdkit_expect_failure, short_tmpdir, wait_no_qsd)
+from nbdkit_util import (
+    Nbdkit,
+    assert_same_bytes,
+    kill_procs,
+    qsd_processes,
+    read_file,
+    remove_tree,
+    run_nbdkit_expect_failure,
+    short_tmpdir,
+    wait_no_qsd,
+)
 
 nbd = pytest.importorskip("nbd")
 
@@ -74,7 +83,7 @@ def kits(workdir):
 
 def stop_ok(kit: Nbdkit) -> None:
     """Stop nbdkit with SIGTERM and require a clean exit without a Python traceback."""
-    rc = kit.stop()
+    rc = kit.stop().status
     err = kit.stderr()
     assert rc == 0, f"nbdkit exited with status {rc}:\n{err}"
     assert "Traceback" not in err, err
@@ -187,7 +196,7 @@ def test_random_mixed_io_matches_model_and_image(qsd_factory, kits):
     kit = kits({"socket": qsd.socket})
     h = kit.connect()
     ctx = f"seed={seed}"
-    counts = {}
+    counts: dict[str, int] = {}
 
     def check_read(off, n, what):
         got = h.pread(n, off)
@@ -285,7 +294,7 @@ def test_zero_flags_zero_exactly_their_range(qsd_factory, kits):
 def _aio_run(h, jobs, depth):
     """Run ``jobs`` (callables h -> cookie) with up to ``depth`` in flight on ``h``; each job's
     completion is checked with aio_command_completed (raises nbd.Error on failure)."""
-    pending = set()
+    pending: set[int] = set()
     it = iter(jobs)
     exhausted = False
     max_seen = 0
@@ -492,7 +501,7 @@ def _daemon_socket_dir(proc: psutil.Process) -> str | None:
 def image_mode(workdir, kits):
     """``image_mode(size, content)`` -> (kit, image path, model, daemon); at teardown kills
     (by PID) and reports any qemu-storage-daemon still serving the image."""
-    images = []
+    images: list[str] = []
 
     def start(size, content=b"", **params):
         img = os.path.join(workdir, f"disk{len(images)}.img")
@@ -576,22 +585,31 @@ def test_image_mode_sigkill_leaves_no_daemon(image_mode):
 
 @pytest.fixture
 def bad_config(workdir, qsd_factory):
-    """``bad_config(params)`` runs nbdkit with ``params`` (``{SOCK}``, ``{DIR}`` and ``{DAEMON}``
-    substituted) and returns its output after requiring a quick non-zero exit."""
-    daemon = []
+    """``bad_config(params)`` runs nbdkit with ``params`` (``{DIR}``, ``{DAEMON}`` (a running
+    4-queue daemon's socket) and ``{DEAD}`` (a killed daemon's socket file) substituted) and
+    returns (its output, whether its socket file was left, the substitution) after requiring a
+    quick non-zero exit."""
+    daemon: list = []
+    dead: list = []
+
+    def subst(p):
+        if "{DAEMON}" in p and not daemon:
+            daemon.append(qsd_factory(num_queues=4, size=4 * MiB))
+        if "{DEAD}" in p and not dead:
+            d = qsd_factory(num_queues=1, size=4 * MiB)
+            d.kill()
+            dead.append(d)
+        return (p.replace("{DIR}", workdir)
+                .replace("{DAEMON}", daemon[0].socket if daemon else "")
+                .replace("{DEAD}", dead[0].socket if dead else ""))
 
     def run(params):
-        def subst(p):
-            if "{DAEMON}" in p and not daemon:
-                daemon.append(qsd_factory(num_queues=4, size=4 * MiB))
-            return (p.replace("{DIR}", workdir)
-                    .replace("{DAEMON}", daemon[0].socket if daemon else ""))
-        status, out, elapsed = run_nbdkit_expect_failure([subst(p) for p in params], workdir,
-                                                         timeout=20)
+        status, out, elapsed, socket_left = run_nbdkit_expect_failure(
+            [subst(p) for p in params], workdir, timeout=20)
         assert status is not None, f"nbdkit kept running with {params}:\n{out}"
         assert status != 0, f"nbdkit accepted {params}:\n{out}"
         assert elapsed < 15, f"nbdkit took {elapsed:.1f}s to refuse {params}"
-        return out
+        return out, socket_left, subst
 
     return run
 
@@ -609,15 +627,18 @@ BAD_CONFIGS = [
     ("empty-socket", ["socket="], "socket= needs a path"),
     ("missing-socket", ["socket={DIR}/nope.sock"], "nope.sock does not exist"),
     ("not-a-socket", ["socket={DIR}/disk.img"], "is not a unix socket"),
-    ("queue-size-0", ["socket={DAEMON}", "queue-size=0"], "queue-size=0 is out of range"),
-    ("queue-size-2", ["socket={DAEMON}", "queue-size=2"], "queue-size=2 is out of range"),
-    ("queue-size-3", ["socket={DAEMON}", "queue-size=3"], "queue-size=3 is "),
-    ("queue-size-12", ["socket={DAEMON}", "queue-size=12"], "queue-size=12 is not a power of two"),
+    ("queue-size-0", ["socket={DAEMON}", "queue-size=0"], "queue-size=0 is not a usable"),
+    ("queue-size-2", ["socket={DAEMON}", "queue-size=2"], "queue-size=2 is not a usable"),
+    ("queue-size-3", ["socket={DAEMON}", "queue-size=3"], "queue-size=3 is not a usable"),
+    ("queue-size-12", ["socket={DAEMON}", "queue-size=12"],
+     "queue-size=12 is not a usable ring size: use a power of two from 4 to 32768"),
     ("queue-size-65536", ["socket={DAEMON}", "queue-size=65536"],
-     "queue-size=65536 is out of range"),
+     "queue-size=65536 is not a usable"),
     ("queue-size-abc", ["socket={DAEMON}", "queue-size=abc"],
      "queue-size='abc' is not a whole number"),
-    ("too-many-queues", ["socket={DAEMON}", "num-queues=8"], "Too many queues requested: 8"),
+    ("too-many-queues", ["socket={DAEMON}", "num-queues=8"],
+     "num-queues=8 is more than the 4 the device at socket="),
+    ("socket-not-listening", ["socket={DEAD}"], "socket={DEAD}: "),
     ("unknown-key", ["socket={DAEMON}", "bogus=1"], "unknown parameter 'bogus'"),
     ("image-missing", ["image={DIR}/missing.img"], "missing.img does not exist"),
     ("image-empty", ["image={DIR}/empty.img"], "empty.img is empty"),
@@ -630,11 +651,16 @@ BAD_CONFIGS = [
 def test_bad_configuration_fails_at_start(bad_config, workdir, params, expected):
     _touch(os.path.join(workdir, "disk.img"), 4 * MiB)
     _touch(os.path.join(workdir, "empty.img"))
-    out = bad_config(params)
+    out, socket_left, subst = bad_config(params)
+    expected = subst(expected)
     assert expected in out, f"expected {expected!r} in nbdkit's output:\n{out}"
-    if expected not in ("Too many queues requested: 8", "qemu-storage-daemon"):
-        # Caught while parsing the configuration: one line, not a Python traceback.
+    if expected != "qemu-storage-daemon":
+        # Caught in config/config_complete, before nbdkit listens: one line, not a Python
+        # traceback, and no unix socket file left behind.
         assert "Traceback" not in out, out
+        said = [line for line in out.splitlines() if line.strip() and not line.startswith("--- ")]
+        assert len(said) == 1 and said[0].startswith("nbdkit: python[vblk]: error: "), out
+        assert not socket_left, f"nbdkit left its socket behind:\n{out}"
     left = qsd_processes(workdir)
     kill_procs(left)
     assert not left, f"qemu-storage-daemon left behind: {left}"

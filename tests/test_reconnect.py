@@ -19,7 +19,14 @@ import pytest
 
 nbd = pytest.importorskip("nbd")
 
-from reliability_util import Backend, Server, VerifiedWorker, close_handle, run_aio, run_workers  # noqa: E402
+from reliability_util import (  # noqa: E402
+    Backend,
+    Server,
+    VerifiedWorker,
+    close_handle,
+    run_aio,
+    run_workers,
+)
 
 MiB = 1 << 20
 
@@ -52,7 +59,8 @@ def _errors_only(results, allowed=("EIO",)):
 def _shutdown(server: Server, timeout: float = 8.0) -> tuple:
     """SIGTERM nbdkit (its clients already gone); assert it exits cleanly in time."""
     rc, seconds, in_time = server.stop(timeout)
-    assert in_time, f"nbdkit did not exit within {timeout}s of SIGTERM:\n{server.log_text()[-3000:]}"
+    assert in_time, (f"nbdkit did not exit within {timeout}s of SIGTERM:\n"
+                     f"{server.log_text()[-3000:]}")
     assert rc == 0, f"nbdkit exited with status {rc}:\n{server.log_text()[-3000:]}"
     return rc, seconds
 
@@ -94,14 +102,14 @@ def test_kill_and_restart_under_verified_load(procs, request):
         for t in threads:
             t.join(40)
     assert not any(t.is_alive() for t in threads), "a worker hung"
-    for k, (before, during, after) in enumerate(progress):
+    for k, (_before, during, after) in enumerate(progress):
         assert after > during, f"no I/O completed in 2 s after restart #{k + 1}: {progress}"
     assert len(progress) == KILLS
     errors = [e for w in workers for e in w.errors]
     assert not errors, f"clients saw {len(errors)} error(s): {errors[:5]}"
     ops = sum(w.ops for w in workers)
     # While the back-end was down, nothing completed: the requests waited.
-    for before, during, after in progress:
+    for before, during, _after in progress:
         assert during == before, progress
     # Read everything back through nbdkit, then check the image file itself.
     for w in workers:

@@ -42,10 +42,12 @@ def test_soak_one_minute_with_daemon_kills(tmp_path):
     assert s["image_compared"] is True
     assert ops == s["libnbd_ops"] + s["fio_ops"]
     assert s["libnbd_ops"] > 2000, s
-    assert all(s["libnbd_ops_by_kind"][k] > 0 for k in ("read", "write", "zero", "trim", "flush")), s
+    kinds = ("read", "write", "zero", "trim", "flush")
+    assert all(s["libnbd_ops_by_kind"][k] > 0 for k in kinds), s
     if fio:
         assert s["fio_ops"] > 2000 and s["fio_bytes_verified"] > 0, s
-    assert verified >= s["libnbd_bytes_verified"] > 2 * 64 << 20, s   # final read-back alone is 128 MiB
+    # The final read-back alone is 128 MiB.
+    assert verified >= s["libnbd_bytes_verified"] > 2 * 64 << 20, s
     # A request waited through a kill, but none waited anywhere near reconnect-timeout (30 s).
     assert 0.5 < s["libnbd_max_latency_s"] < 15, s
     assert s["device_requests"] >= ops, s   # every NBD request reached the device

@@ -1,73 +1,19 @@
-"""Child processes that never outlive the harness, and /proc readings of their cost.
+"""Clean-up of the harness's children, and /proc readings of what they cost.
 
-Every process the harness starts goes through spawn(): it is recorded, gets PR_SET_PDEATHSIG so
-the kernel kills it if the harness dies without cleaning up, and runs in its own session so a
-terminal Ctrl-C reaches only the harness (which then stops its children in order, by PID).
-stop_all() runs from atexit and on SIGTERM/SIGHUP.
+The processes themselves are started and stopped by vblk_tools.harness (spawn/stop_process:
+own session, parent-death signal, stopped by PID).  install_cleanup() makes sure they are
+stopped in order (newest first) at exit and on SIGTERM/SIGHUP too.
 """
 
 import atexit
-import ctypes
 import os
 import signal
-import subprocess
 import sys
-import time
+
+from vblk_tools import harness
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-_children = []  # Popen objects started by this process and not yet reaped
-_PR_SET_PDEATHSIG = 1
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover
-    _libc = None
-
-
-def _child_setup():
-    # Runs in the child between fork and exec: die with the parent.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def spawn(argv, log_path=None, env=None, cwd=None):
-    """Start argv with stdout+stderr to log_path (or DEVNULL); return the Popen."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             env=env, cwd=cwd, start_new_session=True,
-                             preexec_fn=_child_setup)
-    finally:
-        if log_path:
-            out.close()
-    _children.append(p)
-    return p
-
-
-def stop(p, sig=signal.SIGTERM, timeout=10.0):
-    """Signal one child we started (by PID), wait, SIGKILL it after timeout. Returns seconds."""
-    t0 = time.monotonic()
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    if p in _children:
-        _children.remove(p)
-    return time.monotonic() - t0
-
-
-def stop_all():
-    # Newest first: a front-end (nbdkit) goes before its back-end (qemu-storage-daemon).
-    for p in list(reversed(_children)):
-        stop(p, timeout=5.0)
 
 
 def _on_signal(signum, frame):
@@ -76,7 +22,7 @@ def _on_signal(signum, frame):
 
 
 def install_cleanup():
-    atexit.register(stop_all)
+    atexit.register(harness.stop_all)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
     # Also when started in the background by a shell that ignores SIGINT there.

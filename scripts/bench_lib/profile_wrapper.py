@@ -10,8 +10,9 @@ whole life (threading.Thread._bootstrap_inner is wrapped before the plugin is im
 cleanup() (nbdkit >= 1.28 calls it at exit; atexit as a fallback) all per-thread profiles are
 merged into one pstats file at $VBLK_PROFILE, and a per-thread summary is written next to it
 as $VBLK_PROFILE.threads.txt.  VBLK_PROFILE_CLOCK=cpu (default: per-thread CPU time) or wall
-(cProfile's default clock: also counts time spent blocked).  The plugin needs no change; cProfile slows Python code down
-(roughly 1.5-3x), so throughput under profiling is not the real throughput.
+(cProfile's default clock: also counts time spent blocked).  The plugin needs no change;
+cProfile slows Python code down (roughly 1.5-3x), so throughput under profiling is not the
+real throughput.
 """
 
 import atexit
@@ -100,6 +101,8 @@ threading.Thread._bootstrap_inner = _bootstrap_inner
 # Load the target as if nbdkit had loaded it (its directory first on sys.path, like a script).
 sys.path.insert(0, os.path.dirname(os.path.abspath(_TARGET)))
 _spec = importlib.util.spec_from_file_location("_vblk_profiled_plugin", _TARGET)
+if _spec is None or _spec.loader is None:
+    raise RuntimeError(f"profile_wrapper: cannot load {_TARGET} as a Python module")
 _target = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = _target
 _load = _entry()

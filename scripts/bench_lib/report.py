@@ -79,7 +79,7 @@ def fmt_range(e):
 
 def _gist(text):
     """First line of an error, plus its last non-empty line (e.g. the Python exception)."""
-    lines = [l.strip() for l in (text or "?").splitlines() if l.strip()]
+    lines = [line.strip() for line in (text or "?").splitlines() if line.strip()]
     if len(lines) > 1:
         return "%s … `%s`" % (lines[0], lines[-1])
     return lines[0] if lines else "?"
@@ -293,14 +293,14 @@ def chart(path, meta, summary, servers, workloads):
         ax = axes[i // ncols][i % ncols]
         med = [summary[s][w.name].get("median") or 0 for s in servers]
         lo = [m - (summary[s][w.name].get("min") or 0) if m else 0
-              for m, s in zip(med, servers)]
+              for m, s in zip(med, servers, strict=False)]
         hi = [(summary[s][w.name].get("max") or 0) - m if m else 0
-              for m, s in zip(med, servers)]
+              for m, s in zip(med, servers, strict=False)]
         ax.barh(ys, med, xerr=[lo, hi], color=[col[s] for s in servers], capsize=2)
         ax.set_yticks(ys, servers, fontsize=8)
         ax.set_title("%s (%s)" % (w.label, w.unit), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-        for y, m, h in zip(ys, med, hi):
+        for y, m, h in zip(ys, med, hi, strict=False):
             if m:
                 ax.text(m + h, y, " " + fmt_val(m, w.unit), va="center", fontsize=7)
         ax.margins(x=0.18)
@@ -312,11 +312,11 @@ def chart(path, meta, summary, servers, workloads):
                     for s in servers]
             ax.barh(ys, vals, left=left, color=[col[s] for s in servers], hatch=hatch,
                     edgecolor="white" if hatch else None, label=role)
-            left = [a + b for a, b in zip(left, vals)]
+            left = [a + b for a, b in zip(left, vals, strict=False)]
         ax.set_yticks(ys, servers, fontsize=8)
         ax.set_title("%s: server CPU µs/request (hatched: qsd)" % w.label, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
-        for y, m in zip(ys, left):
+        for y, m in zip(ys, left, strict=False):
             if m:
                 ax.text(m, y, " %.0f" % m, va="center", fontsize=7)
         ax.margins(x=0.15)

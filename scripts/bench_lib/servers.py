@@ -2,6 +2,9 @@
 
 A server is started fresh for every run (one server, one workload) and stopped after it, so each
 run's CPU, peak RSS (VmHWM) and startup state are its own.  Every server listens on a unix socket.
+The processes come from the one harness (vblk_tools.harness): qemu-storage-daemon's argv is
+vblk_plugin.qsd.qsd_argv, and a server counts as started once it accepts a connection (the
+daemon's vhost-user socket) or sends the NBD greeting (nbdkit, the daemon's NBD export).
 """
 
 import glob
@@ -10,12 +13,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 
-from . import procs
+from vblk_tools import ROOT, harness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLOOR_PLUGIN = os.path.join(ROOT, "benchmarks", "floor_plugin.py")
 DEFAULT_VBLK_PLUGIN = os.path.join(ROOT, "plugin", "plugin.py")
 
@@ -29,12 +30,12 @@ class ServerSpec:
     name: str
     kind: str                      # vblk | floor | file | qsd-nbd | memory
     description: str
-    nbdkit_threads: int = None     # nbdkit -t (None: nbdkit's default, 16)
-    aio: str = None                # qemu-storage-daemon file node aio= (None: threads)
-    queues: int = None             # qemu-storage-daemon vhost-user-blk num-queues
-    plugin: str = None             # vblk plugin path
+    nbdkit_threads: int | None = None     # nbdkit -t (None: nbdkit's default, 16)
+    aio: str | None = None                # qemu-storage-daemon file node aio= (None: threads)
+    queues: int | None = None             # qemu-storage-daemon vhost-user-blk num-queues
+    plugin: str | None = None             # vblk plugin path
     plugin_args: list = field(default_factory=list)   # extra KEY=VALUE for the plugin
-    floor_model: str = None        # serialized | parallel
+    floor_model: str | None = None        # serialized | parallel
     env: dict = field(default_factory=dict)           # extra environment for nbdkit
     stats: bool = False            # pass stats=PATH to the vblk plugin and collect it
 
@@ -48,109 +49,80 @@ class Running:
     def __init__(self, spec, uri):
         self.spec = spec
         self.uri = uri
-        self.procs = []            # (role, Popen), in start order
+        self.procs = []            # (role, harness.Qsd or harness.Nbdkit), in start order
         self.argv = {}             # role -> argv
         self.logs = {}             # role -> log path
         self.stats_path = None
         self.main_role = None      # the process that speaks NBD
         self.code_version = None   # vblk: hash of the plugin + vblk_core sources at start
 
+    def add(self, role, server):
+        self.procs.append((role, server))
+        self.argv[role] = server.command()
+        self.logs[role] = str(server.log_path)
+
     def pids(self):
-        return {role: p.pid for role, p in self.procs}
+        return {role: s.pid for role, s in self.procs if s.pid is not None}
 
     def dead(self):
         """Roles whose process has exited."""
-        return [role for role, p in self.procs if p.poll() is not None]
+        return [role for role, s in self.procs if not s.running]
 
     def stop(self):
         """Stop newest first (nbdkit before the daemon behind it). Returns seconds taken."""
         t = 0.0
-        for role, p in reversed(self.procs):
-            t += procs.stop(p, signal.SIGTERM, timeout=10.0)
+        for _role, s in reversed(self.procs):
+            if s.proc is not None:
+                t += harness.stop_process(s.proc, signal.SIGTERM, 10.0).seconds
+                s.proc = None
         self.procs = []
         return t
 
 
 def nbd_uri(sock):
     # Empty export name (the path after "/"): nbdkit's default and qsd's name= export.
-    return "nbd+unix:///?socket=" + sock
+    return harness.nbd_uri(sock)
 
 
-def _wait_for(pred, p, timeout, what, log):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        if p.poll() is not None:
-            raise StartError("%s exited with status %s before it was ready:\n%s"
-                             % (what, p.returncode, procs.log_tail(log)))
-        time.sleep(0.02)
-    raise StartError("%s not ready after %.0f s:\n%s" % (what, timeout, procs.log_tail(log)))
+def _start(run, role, server, timeout):
+    run.add(role, server)
+    try:
+        server.start(timeout)
+    except harness.HarnessError as e:
+        raise StartError(str(e)) from None
+    return server
 
 
 def _start_qsd(run, image, sockdir, tag, log, timeout, aio=None, vhost_queues=None):
-    file_node = "driver=file,node-name=file0,filename=%s" % image
-    if aio:
-        file_node += ",aio=%s" % aio
-    argv = ["qemu-storage-daemon", "--blockdev", file_node,
-            "--blockdev", "driver=raw,node-name=raw0,file=file0"]
-    if vhost_queues is not None:
-        sock = os.path.join(sockdir, tag + ".vhost")
-        argv += ["--export", "type=vhost-user-blk,id=exp0,node-name=raw0,addr.type=unix,"
-                 "addr.path=%s,writable=on,num-queues=%d" % (sock, vhost_queues)]
-    else:
-        sock = os.path.join(sockdir, tag + ".nbd")
-        argv += ["--nbd-server", "addr.type=unix,addr.path=%s" % sock,
-                 "--export", "type=nbd,id=exp0,node-name=raw0,name=,writable=on"]
-    if os.path.exists(sock):
-        os.unlink(sock)
-    p = procs.spawn(argv, log)
-    run.procs.append(("qsd", p))
-    run.argv["qsd"] = argv
-    run.logs["qsd"] = log
-    _wait_for(lambda: os.path.exists(sock), p, timeout, "qemu-storage-daemon", log)
-    return sock
+    export = "vhost-user-blk" if vhost_queues is not None else "nbd"
+    suffix = ".vhost" if vhost_queues is not None else ".nbd"
+    qsd = harness.Qsd(sockdir, name=tag, image=image, socket=os.path.join(sockdir, tag + suffix),
+                      log_path=log, aio=aio or "threads", num_queues=vhost_queues or 1,
+                      export=export)
+    return _start(run, "qsd", qsd, timeout).socket
 
 
-def _start_nbdkit(run, plugin_argv, sockdir, tag, log, timeout, threads=None, env=None):
-    sock = os.path.join(sockdir, tag + ".nbd")
-    pidfile = os.path.join(sockdir, tag + ".pid")
-    for f in (sock, pidfile):
-        if os.path.exists(f):
-            os.unlink(f)
-    argv = ["nbdkit", "-f", "-U", sock, "-P", pidfile]
-    if threads:
-        argv += ["-t", str(threads)]
-    argv += plugin_argv
-    full_env = None
-    if env:
-        full_env = dict(os.environ)
-        full_env.update(env)
-    p = procs.spawn(argv, log, env=full_env)
-    run.procs.append(("nbdkit", p))
-    run.argv["nbdkit"] = argv
-    run.logs["nbdkit"] = log
+def _start_nbdkit(run, plugin, keys, sockdir, tag, log, timeout, threads=None, env=None):
+    kit = harness.Nbdkit(sockdir, keys, name=tag, plugin=plugin, threads=threads,
+                         extra_env=env, socket=os.path.join(sockdir, tag + ".nbd"),
+                         log_path=log)
+    _start(run, "nbdkit", kit, timeout)
     run.main_role = "nbdkit"
-
-    def ready():
-        try:
-            with open(pidfile) as f:
-                return f.read().strip() == str(p.pid) and os.path.exists(sock)
-        except OSError:
-            return False
-    _wait_for(ready, p, timeout, "nbdkit", log)
-    run.uri = nbd_uri(sock)
-    return sock
+    run.uri = kit.uri
+    return kit.socket
 
 
 def code_version(plugin):
-    """Short hash of the plugin and the vblk_core sources next to it (or in ROOT), so a report
-    can tell when the code changed between runs (a fresh nbdkit loads the files every run)."""
+    """Short hash of the plugin, the vblk_plugin package beside it and the vblk_core sources
+    next to it (or in ROOT), so a report can tell when the code changed between runs (a fresh
+    nbdkit loads the files every run)."""
     h = hashlib.sha1()
     core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(plugin))), "vblk_core")
     if not os.path.isdir(core):
         core = os.path.join(ROOT, "vblk_core")
-    files = [plugin] + sorted(glob.glob(os.path.join(core, "*.py")))
+    package = os.path.join(os.path.dirname(os.path.abspath(plugin)), "vblk_plugin")
+    files = ([plugin] + sorted(glob.glob(os.path.join(core, "*.py")))
+             + sorted(glob.glob(os.path.join(package, "*.py"))))
     for f in files:
         try:
             with open(f, "rb") as fh:
@@ -163,11 +135,18 @@ def code_version(plugin):
 def start(spec, image, sockdir, logdir, tag, timeout=30.0):
     """Start spec serving image; return a Running.  Raises StartError (after cleaning up)."""
     run = Running(spec, None)
-    log = lambda role: os.path.join(logdir, "%s.%s.log" % (tag, role))
+
+    def log(role):
+        return os.path.join(logdir, "%s.%s.log" % (tag, role))
+
+    def nbdkit(plugin, keys):
+        _start_nbdkit(run, plugin, keys, sockdir, tag, log("nbdkit"), timeout,
+                      spec.nbdkit_threads, spec.env)
+
     try:
         if spec.kind == "qsd-nbd":
-            sock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout, aio=spec.aio)
-            run.uri = nbd_uri(sock)
+            run.uri = nbd_uri(_start_qsd(run, image, sockdir, tag, log("qsd"), timeout,
+                                         aio=spec.aio))
             run.main_role = "qsd"
         elif spec.kind == "vblk":
             if not os.path.exists(spec.plugin):
@@ -175,24 +154,18 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
             run.code_version = code_version(spec.plugin)
             vsock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout, aio=spec.aio,
                                vhost_queues=spec.queues)
-            pargs = ["python", spec.plugin, "socket=" + vsock] + list(spec.plugin_args)
+            keys = ["socket=" + vsock] + list(spec.plugin_args)
             if spec.stats:
                 run.stats_path = os.path.join(logdir, tag + ".stats")
-                pargs.append("stats=" + run.stats_path)
-            _start_nbdkit(run, pargs, sockdir, tag, log("nbdkit"), timeout,
-                          spec.nbdkit_threads, spec.env)
+                keys.append("stats=" + run.stats_path)
+            nbdkit(spec.plugin, keys)
         elif spec.kind == "floor":
-            pargs = ["python", spec.plugin or FLOOR_PLUGIN, "file=" + image,
-                     "threads=" + spec.floor_model] + list(spec.plugin_args)
-            _start_nbdkit(run, pargs, sockdir, tag, log("nbdkit"), timeout,
-                          spec.nbdkit_threads, spec.env)
+            nbdkit(spec.plugin or FLOOR_PLUGIN,
+                   ["file=" + image, "threads=" + spec.floor_model] + list(spec.plugin_args))
         elif spec.kind == "file":
-            _start_nbdkit(run, ["file", image], sockdir, tag, log("nbdkit"), timeout,
-                          spec.nbdkit_threads, spec.env)
+            nbdkit("file", [image])
         elif spec.kind == "memory":
-            size = os.stat(image).st_size
-            _start_nbdkit(run, ["memory", str(size)], sockdir, tag, log("nbdkit"), timeout,
-                          spec.nbdkit_threads, spec.env)
+            nbdkit("memory", [str(os.stat(image).st_size)])
         else:
             raise StartError("unknown server kind %r" % spec.kind)
     except BaseException:
@@ -209,7 +182,7 @@ def probe(uri, expect_size, timeout=20.0):
         r = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
                            timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise StartError("nbdinfo --size timed out after %.0f s" % timeout)
+        raise StartError("nbdinfo --size timed out after %.0f s" % timeout) from None
     if r.returncode != 0:
         raise StartError("nbdinfo --size failed: %s" % (r.stderr.strip() or r.stdout.strip()))
     size = int(r.stdout.strip())

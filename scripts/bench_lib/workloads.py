@@ -5,6 +5,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from vblk_tools import harness
+
 from . import procs
 
 
@@ -113,7 +115,7 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     argv = fio_argv(w, run.uri, runtime, ramp, fio_json)
     first = {r: procs.cpu_ticks(pid) for r, pid in pids.items()}
     t0 = time.monotonic()
-    fio = procs.spawn(argv, fio_log)
+    fio = harness.spawn(argv, fio_log)
     win_start_at = t0 + ramp + 0.15           # fio's own start-up is inside its ramp
     win_end_at = t0 + ramp + runtime - 0.1
     deadline = t0 + ramp + runtime + 60.0
@@ -147,7 +149,7 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        procs.stop(fio, timeout=5.0)
+        harness.stop_process(fio, timeout=5.0)
     t_end = time.monotonic()
     last = {r: procs.cpu_ticks(pid) for r, pid in pids.items()}
     hwm = {r: procs.status_kib(pid, "VmHWM") for r, pid in pids.items()}

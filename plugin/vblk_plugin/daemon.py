@@ -2,7 +2,8 @@
 
 The daemon is started in nbdkit's final process (after its fork), gets SIGTERM from the kernel
 if that process dies (PR_SET_PDEATHSIG), and is stopped by PID at cleanup, at interpreter exit
-and on SIGTERM/SIGINT delivered to nbdkit (nbdkit then runs cleanup).  No nbdkit import here.
+and on SIGTERM/SIGINT delivered to nbdkit (nbdkit then runs cleanup).  Its command line is
+``qsd.qsd_argv``; it counts as started once its socket accepts a connection.  No nbdkit import.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
-from .errors import ConfigError
+from vblk_core.errors import ConfigError
+
+from .qsd import QSD, accepts_connection, missing_daemon_hint, qsd_argv
 
 PR_SET_PDEATHSIG = 1
-QSD = "qemu-storage-daemon"
-FORMATS = ("raw", "qcow2")
-AIO_MODES = ("threads", "io_uring", "native")
 
 
 def _die_with_parent() -> None:
@@ -42,79 +43,70 @@ class ManagedDaemon:
         self.aio = aio
         self.read_only = read_only
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.tmpdir = tempfile.mkdtemp(prefix="vblk-")
         self.socket = os.path.join(self.tmpdir, "vhost-user-blk.sock")
         self.log_path = os.path.join(self.tmpdir, "qemu-storage-daemon.log")
+        self._stop_supervising: threading.Event | None = None
+        self._supervisor: threading.Thread | None = None
         atexit.register(self.stop)
 
     def command(self) -> list[str]:
-        file_opts = f"driver=file,node-name=file0,filename={self.image},discard=unmap"
-        if self.aio != "threads":
-            file_opts += f",aio={self.aio}"
-            if self.aio == "native":
-                file_opts += ",cache.direct=on"
-        writable = "off" if self.read_only else "on"
-        return [QSD,
-                "--blockdev", file_opts,
-                "--blockdev", f"driver={self.fmt},node-name=fmt0,file=file0,discard=unmap",
-                "--export", f"type=vhost-user-blk,id=exp0,node-name=fmt0,addr.type=unix,"
-                            f"addr.path={self.socket},writable={writable},"
-                            f"num-queues={self.num_queues}"]
+        return qsd_argv(self.image, self.socket, fmt=self.fmt, aio=self.aio,
+                        num_queues=self.num_queues, writable=not self.read_only)
 
     def start(self) -> None:
-        """Start the daemon and wait for its socket.  Raises ConfigError with the daemon's own
-        message if it exits or does not create the socket within start_timeout."""
+        """Start the daemon and wait until its socket accepts a connection.  Raises
+        ConfigError with the daemon's own message if it exits or is not ready within
+        start_timeout."""
         if shutil.which(QSD) is None:
-            raise ConfigError("image=: qemu-storage-daemon is not installed: "
-                              "apt-get install qemu-system-common (or run scripts/setup)")
+            raise ConfigError(f"image=: {QSD} is not installed: {missing_daemon_hint()}")
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                         close_fds=True)
-        finally:
-            log.close()
+        with open(self.log_path, "wb") as log:
+            proc = self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent, close_fds=True)
         deadline = time.monotonic() + self.start_timeout
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise ConfigError(f"image={self.image}: qemu-storage-daemon exited with status "
-                                  f"{self.proc.returncode}: {self._log_tail()}")
+        while not accepts_connection(self.socket):
+            if proc.poll() is not None:
+                raise ConfigError(f"image={self.image}: {QSD} exited with status "
+                                  f"{proc.returncode}: {self._log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ConfigError(f"image={self.image}: qemu-storage-daemon did not create its "
-                                  f"socket within {self.start_timeout:g}s: {self._log_tail()}")
+                raise ConfigError(f"image={self.image}: {QSD} did not listen on its socket "
+                                  f"within {self.start_timeout:g}s: {self._log_tail()}")
             time.sleep(0.02)
 
-    def supervise(self, on_event=None, max_restarts: int = 5, window: float = 60.0) -> None:
+    def supervise(self, on_event: Callable[[str], None] | None = None, max_restarts: int = 5,
+                  window: float = 60.0) -> None:
         """Restart the daemon on the same socket if it dies, from a background thread, so the
         device's reconnect logic finds it again.  Gives up after ``max_restarts`` deaths within
         ``window`` seconds.  ``on_event(message)`` is told about each restart."""
-        self._stop_supervising = threading.Event()
+        stop = self._stop_supervising = threading.Event()
         deaths: list[float] = []
 
+        def tell(msg: str) -> None:
+            if on_event:
+                on_event(msg)
+
         def loop() -> None:
-            while not self._stop_supervising.wait(0.2):
+            while not stop.wait(0.2):
                 proc = self.proc
                 if proc is None or proc.poll() is None:
                     continue
                 now = time.monotonic()
                 deaths[:] = [t for t in deaths if now - t < window] + [now]
                 if len(deaths) > max_restarts:
-                    if on_event:
-                        on_event(f"qemu-storage-daemon died {len(deaths)} times in "
-                                 f"{window:g}s: not restarting it ({self._log_tail()})")
+                    tell(f"{QSD} died {len(deaths)} times in {window:g}s: not restarting it "
+                         f"({self._log_tail()})")
                     return
-                if on_event:
-                    on_event(f"qemu-storage-daemon exited with status {proc.returncode}; "
-                             f"restarting it ({self._log_tail()})")
+                tell(f"{QSD} exited with status {proc.returncode}; restarting it "
+                     f"({self._log_tail()})")
                 try:
                     self.start()
                 except Exception as e:  # noqa: BLE001 - reported, the device then fails
-                    if on_event:
-                        on_event(f"restarting qemu-storage-daemon failed: {e}")
+                    tell(f"restarting {QSD} failed: {e}")
                     return
 
         self._supervisor = threading.Thread(target=loop, name="vblk-qsd-supervisor",
@@ -134,11 +126,10 @@ class ManagedDaemon:
 
     def stop(self) -> None:
         """SIGTERM, wait up to 5 s, then SIGKILL; remove the private directory.  Idempotent."""
-        stop_supervising = getattr(self, "_stop_supervising", None)
-        if stop_supervising is not None:
-            stop_supervising.set()
+        if self._stop_supervising is not None:
+            self._stop_supervising.set()
             supervisor = self._supervisor
-            if supervisor is not threading.current_thread():
+            if supervisor is not None and supervisor is not threading.current_thread():
                 supervisor.join()
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:

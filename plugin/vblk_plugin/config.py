@@ -1,13 +1,17 @@
-"""The plugin's configuration: parsed and checked here (no nbdkit import) so that every
-mistake fails at start-up with a message naming the key and the fix, and so it can be tested
-and fuzzed without a server."""
+"""The plugin's configuration keys: parsed and checked here (no nbdkit import) so that every
+mistake fails at start-up, before nbdkit listens, with one line naming the key, what is wrong
+and how to fix it; and so it can be tested and fuzzed without a server.  README.md documents
+the keys for users (nbdkit's Python plugin has no per-plugin --help)."""
 from __future__ import annotations
 
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .errors import ConfigError
+from vblk_core.errors import ConfigError, VblkError
+from vblk_core.virtio_blk import queue_size_problem
+
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
@@ -28,11 +32,16 @@ KEYS = {
 }
 
 
-def _parse_int(key: str, value: str, low: int, high: int) -> int:
+def _whole(key: str, value: str, example: int) -> int:
     try:
-        n = int(value, 0)
+        return int(value, 0)
     except ValueError:
-        raise ConfigError(f"{key}={value!r} is not a whole number: give e.g. {key}={low}") from None
+        raise ConfigError(f"{key}={value!r} is not a whole number: "
+                          f"give e.g. {key}={example}") from None
+
+
+def _parse_int(key: str, value: str, low: int, high: int) -> int:
+    n = _whole(key, value, low)
     if not low <= n <= high:
         raise ConfigError(f"{key}={n} is out of range: use {low} to {high}")
     return n
@@ -42,7 +51,8 @@ def _parse_seconds(key: str, value: str, allow_zero: bool) -> float:
     try:
         t = float(value)
     except ValueError:
-        raise ConfigError(f"{key}={value!r} is not a number of seconds: give e.g. {key}=30") from None
+        raise ConfigError(f"{key}={value!r} is not a number of seconds: "
+                          f"give e.g. {key}=30") from None
     if t != t or t < 0 or t > 86400 or (t == 0 and not allow_zero):
         low = "0 (off)" if allow_zero else "more than 0"
         raise ConfigError(f"{key}={value} is out of range: use {low} to 86400 seconds")
@@ -61,7 +71,7 @@ class PluginConfig:
     stats: str | None = None
     reconnect_timeout: float = 30.0
     request_timeout: float = 30.0
-    seen: set = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
         """Apply one key=value.  Raises ConfigError naming the key for anything wrong."""
@@ -79,18 +89,21 @@ class PluginConfig:
             setattr(self, key, os.path.abspath(value))
         elif key == "format":
             if value not in FORMATS:
-                raise ConfigError(f"format={value!r} is not supported: use one of {', '.join(FORMATS)}")
+                raise ConfigError(f"format={value!r} is not supported: "
+                                  f"use one of {', '.join(FORMATS)}")
             self.format = value
         elif key == "aio":
             if value not in AIO_MODES:
-                raise ConfigError(f"aio={value!r} is not supported: use one of {', '.join(AIO_MODES)}")
+                raise ConfigError(f"aio={value!r} is not supported: "
+                                  f"use one of {', '.join(AIO_MODES)}")
             self.aio = value
         elif key == "num-queues":
             self.num_queues = _parse_int(key, value, 1, MAX_QUEUES)
         elif key == "queue-size":
-            n = _parse_int(key, value, 4, 32768)  # a request needs 3 descriptors
-            if n & (n - 1):
-                raise ConfigError(f"queue-size={n} is not a power of two: use e.g. 128, 256 or 512")
+            n = _whole(key, value, 256)
+            problem = queue_size_problem(n)   # the driver's own rule
+            if problem:
+                raise ConfigError(f"queue-size={n} is not a usable ring size: {problem}")
             self.queue_size = n
         elif key == "bounce-buffers":
             self.bounce_buffers = _parse_int(key, value, 4, 4096)
@@ -139,3 +152,35 @@ class PluginConfig:
             parent = os.path.dirname(self.stats)
             if not os.path.isdir(parent):
                 raise ConfigError(f"stats={self.stats}: directory {parent} does not exist")
+
+
+class DeviceOffer(Protocol):
+    """What the plugin checks about the device behind socket= (vblk_core's DeviceInfo)."""
+
+    @property
+    def max_queues(self) -> int: ...
+
+
+def check_device(cfg: PluginConfig, info: DeviceOffer) -> None:
+    """Check the configuration against what the device at socket= offers.  Raises
+    ConfigError with the fix."""
+    if cfg.num_queues is not None and cfg.num_queues > info.max_queues:
+        raise ConfigError(f"num-queues={cfg.num_queues} is more than the {info.max_queues} "
+                          f"the device at socket={cfg.socket} offers: use num-queues="
+                          f"{info.max_queues} or fewer, or give the back-end more queues "
+                          f"(qemu-storage-daemon: num-queues={cfg.num_queues} on its export)")
+
+
+def probe_device(cfg: PluginConfig, timeout: float = 5.0) -> None:
+    """With socket=: connect to the back-end once, read what the device offers, disconnect,
+    and check the configuration against it, all before nbdkit listens.  (A vhost-user
+    back-end takes the next front-end after a disconnect, so the plugin's real session can
+    follow.)  Raises ConfigError naming socket= or the key at fault."""
+    if not cfg.socket:
+        return
+    from vblk_core import VhostUserConnector, probe
+    try:
+        info = probe(VhostUserConnector(cfg.socket, timeout=timeout))
+    except VblkError as e:
+        raise ConfigError(f"socket={cfg.socket}: {e}") from None
+    check_device(cfg, info)
