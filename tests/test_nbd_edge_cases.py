@@ -22,7 +22,8 @@ from reliability_util import Backend, Server, close_handle  # noqa: E402
 MiB = 1 << 20
 SIZE = 160 * MiB
 FUA, NO_HOLE, FAST_ZERO = nbd.CMD_FLAG_FUA, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FAST_ZERO
-FLAG_COMBOS = [sum(c) for n in range(4) for c in itertools.combinations((FUA, NO_HOLE, FAST_ZERO), n)]
+FLAG_COMBOS = [sum(c) for n in range(4)
+               for c in itertools.combinations((FUA, NO_HOLE, FAST_ZERO), n)]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,8 @@ def test_unaligned_requests(server, h, op, delta, length):
 # --- flags ------------------------------------------------------------------------------------
 
 def _flag_name(flags: int) -> str:
-    names = [n for f, n in ((FUA, "FUA"), (NO_HOLE, "NO_HOLE"), (FAST_ZERO, "FAST_ZERO")) if flags & f]
+    names = [n for f, n in ((FUA, "FUA"), (NO_HOLE, "NO_HOLE"), (FAST_ZERO, "FAST_ZERO"))
+             if flags & f]
     return "|".join(names) or "0"
 
 
@@ -206,7 +208,8 @@ def _flag_name(flags: int) -> str:
 def test_flag_combinations(server, h, op, flags):
     # Valid by the NBD protocol: FUA on any command; NO_HOLE and FAST_ZERO on WRITE_ZEROES only.
     valid = op == "zero" or not flags & (NO_HOLE | FAST_ZERO)
-    base = 60 * MiB + FLAG_COMBOS.index(flags) * MiB + ["write", "zero", "trim", "flush"].index(op) * 8 * MiB
+    base = (60 * MiB + FLAG_COMBOS.index(flags) * MiB
+            + ["write", "zero", "trim", "flush"].index(op) * 8 * MiB)
     before = rand(256 * 1024, base)
     h.pwrite(before, base)
     rel, length = 64 * 1024, 128 * 1024
@@ -239,7 +242,7 @@ def test_flag_combinations(server, h, op, flags):
 
 # --- disconnect with requests in flight -------------------------------------------------------
 
-def _wait_idle(server, since: float, timeout: float = 15.0) -> dict:
+def _wait_idle(server, since: float, timeout: float = 15.0) -> dict | None:
     """Stats written at least 1.2 s after ``since`` showing nothing in flight, or the last seen."""
     deadline = time.monotonic() + timeout
     st = None
