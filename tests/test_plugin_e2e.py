@@ -473,8 +473,8 @@ def test_fio_nbd_engine_randrw_verify(qsd_factory, kits, workdir):
 # --- image= mode: the plugin's own qemu-storage-daemon ---------------------------------------
 
 def _own_daemons(kit: Nbdkit, image: str, timeout: float = 10.0) -> list[psutil.Process]:
-    """nbdkit's live qemu-storage-daemon children serving ``image``.  nbdkit writes its
-    pidfile before the plugin's after_fork has started the daemon: poll for it."""
+    """nbdkit's live qemu-storage-daemon children serving ``image`` (polled for: a daemon
+    being restarted is briefly missing)."""
     deadline = time.monotonic() + timeout
     while True:
         found = []
