@@ -27,3 +27,16 @@ def eventfd_write_holding_gil(fd: int) -> bool:
 def eventfd_clear_holding_gil(fd: int) -> bool:
     """Reset the non-blocking eventfd ``fd`` to 0; True if it was signalled."""
     return bool(_read(fd, _SCRATCH, 8) == 8)
+
+
+class EventfdKicker:
+    """A Kicker that writes an eventfd (vhost-user, vhost-vdpa), holding the GIL."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def kick(self) -> None:
+        # A failed write means the session is going away: recovery resubmits or fails.
+        eventfd_write_holding_gil(self.fd)

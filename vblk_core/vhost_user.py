@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import ConnectError, ControlTimeout, ProtocolError, TransportError
-from .eventfd import eventfd_write_holding_gil
+from .eventfd import EventfdKicker
 from .transport import Kicker, MemoryMap, Transport
 from .virtio import VirtioFeature
 
@@ -82,20 +82,6 @@ class MemoryRegion:
 #: vhost-user's own feature bit (in the virtio feature word): the back-end speaks protocol
 #: features, which this front-end needs (CONFIG, to read the capacity).
 VHOST_USER_F_PROTOCOL_FEATURES = 30
-
-
-class _EventfdKicker:
-    """Kicks a queue by writing its eventfd while holding the GIL (a short non-blocking
-    write: releasing the GIL there doubled nbdkit's context switches per request)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def kick(self) -> None:
-        # A failed write means the session is going away: recovery resubmits or fails.
-        eventfd_write_holding_gil(self.fd)
 
 
 class VhostUserConnector:
@@ -284,7 +270,7 @@ class VhostUserTransport(Transport):
         kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._kick_fds.append(kick_fd)
         self.setup_vring(index, size, desc_addr, used_addr, avail_addr, call_fd, kick_fd)
-        return _EventfdKicker(kick_fd)
+        return EventfdKicker(kick_fd)
 
     def start(self) -> None:
         if self.state is SessionState.CONNECTING:

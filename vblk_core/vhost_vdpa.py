@@ -20,7 +20,7 @@ import struct
 from typing import Protocol
 
 from .errors import ConnectError, DeviceError, TransportError
-from .eventfd import eventfd_clear_holding_gil, eventfd_write_holding_gil
+from .eventfd import EventfdKicker, eventfd_clear_holding_gil
 from .transport import Kicker, MemoryMap, Transport
 from .virtio import VIRTIO_ID_BLOCK, DeviceStatus, VirtioFeature
 
@@ -119,16 +119,6 @@ _FIXES = {
     errno.ENOTTY: "not a vhost-vdpa device: give the /dev/vhost-vdpa-N character device",
     errno.EINVAL: "the device rejected the request",
 }
-
-
-class _Kicker:
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def kick(self) -> None:
-        eventfd_write_holding_gil(self.fd)
 
 
 class VhostVdpaConnector:
@@ -303,7 +293,7 @@ class VhostVdpaTransport(Transport):
         self._ioctl(VHOST_SET_VRING_KICK, bytearray(_VRING_STATE.pack(index, kick_fd)))
         self._ioctl(VHOST_SET_VRING_CALL, bytearray(_VRING_STATE.pack(index, call_fd)))
         self._ioctl(VHOST_VDPA_SET_VRING_ENABLE, bytearray(_VRING_STATE.pack(index, 1)))
-        return _Kicker(kick_fd)
+        return EventfdKicker(kick_fd)
 
     def start(self) -> None:
         self._set_status(self._status | DeviceStatus.DRIVER_OK)
