@@ -153,7 +153,7 @@ class VhostUserTransport(Transport):
                 sent = self._sock.send(data)
             if sent != len(data):
                 self._sock.sendall(data[sent:])
-        except socket.timeout:
+        except TimeoutError:
             raise self._fail(ControlTimeout(
                 f"vhost-user back-end at {self.path} did not accept {request.name} within "
                 f"{self.timeout:g}s")) from None
@@ -166,7 +166,7 @@ class VhostUserTransport(Transport):
         while len(buf) < n:
             try:
                 chunk = self._sock.recv(n - len(buf))
-            except socket.timeout:
+            except TimeoutError:
                 raise self._fail(ControlTimeout(
                     f"vhost-user back-end at {self.path} did not answer {request.name} within "
                     f"{self.timeout:g}s (is another front-end connected to it?)")) from None
