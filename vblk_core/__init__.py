@@ -1,8 +1,8 @@
 """vblk_core: a pure-Python multi-queue virtio-blk driver.
 
 Layers, each only calling downward: layout -> memory -> virtqueue -> virtio / virtio_blk ->
-transport (the interface; vhost_user and vhost_vdpa implement it) -> device_info, queues, supervisor,
-device (the multi-queue block device).
+transport (the interface; vhost_user and vhost_vdpa implement it) -> device_info, request,
+queues, supervisor, dispatch, batch -> device (the multi-queue block device).
 """
 from .device import BlockDevice
 from .device_info import DeviceIdentity, DeviceInfo, probe

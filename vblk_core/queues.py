@@ -11,7 +11,7 @@ import os
 import select
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil
