@@ -82,6 +82,7 @@ class BlockDevice:
         self._region: SharedRegion | None = None
         self._device_base: int | None = None
         self._pool: BouncePool | None = None
+        self._rings: list[Virtqueue] = []
         self._queues: list[QueueRunner] = []
         self._supervisor = Supervisor(connector, self, reconnect_timeout)
         self._dispatch = Dispatcher(self._supervisor, request_timeout)
@@ -143,11 +144,10 @@ class BlockDevice:
             max_transfer = min(max_transfer, config.size_max * segs // 4096 * 4096)
         self.max_transfer = max_transfer
         event_idx = bool(info.features & VirtioFeature.EVENT_IDX)
-        self._queues = [
-            QueueRunner(i, Virtqueue(region.view, i * layout.end_offset, layout,
-                                     region.base_addr, 8, event_idx),
-                        config.size_max, self._dispatch.queue_broken)
-            for i in range(num_queues)]
+        self._rings = [Virtqueue(region.view, i * layout.end_offset, layout, region.base_addr,
+                                 8, event_idx) for i in range(num_queues)]
+        self._queues = [QueueRunner(i, ring, config.size_max, self._dispatch.queue_broken)
+                        for i, ring in enumerate(self._rings)]
         self._dispatch.queues = self._queues
 
     # --- the supervisor's side (SessionHost) -----------------------------------------------
@@ -159,8 +159,8 @@ class BlockDevice:
             raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
         base = transport.map_memory(MemoryMap(region.fd, region.base_addr, region.size))
         if self._device_base is None:
-            for q in self._queues:
-                q.vq.set_device_base(base)
+            for ring in self._rings:
+                ring.set_device_base(base)
             self._pool.set_device_base(base)
             self._device_base = base
         elif base != self._device_base:
@@ -419,8 +419,8 @@ class BlockDevice:
 
     def _release_memory(self) -> None:
         if self._region is not None:
-            for q in self._queues:
-                q.vq.release()  # a live view on the mapping would make close() leak it
+            for ring in self._rings:
+                ring.release()  # a live view on the mapping would make close() leak it
             self._region.close()
             self._region = None
 
