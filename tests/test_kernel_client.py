@@ -34,6 +34,7 @@ NBD_CONNECTIONS = 2  # nbd-client -C
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"vblk_vm_{name}", VM_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -240,7 +241,7 @@ def test_kernel_nbd_client_ext4(tmp_path, sockdir, processes, capsys):
 
     if "multiconn_fallback" in run.details:
         warnings.warn("the NBD server does not advertise multi-conn: the kernel client fell back "
-                      f"from -C {NBD_CONNECTIONS} to one connection")
+                      f"from -C {NBD_CONNECTIONS} to one connection", stacklevel=1)
 
     problems = check_image(image, seed, meta, tmp_path / "check")
     assert not problems, "\n".join(problems)

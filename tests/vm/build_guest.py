@@ -324,7 +324,8 @@ def populate_root(root: str, moddir: str, kver: str) -> dict:
         copy_into(root, lib, lib, 0o755)
     if os.path.exists("/etc/mke2fs.conf"):
         copy_into(root, "/etc/mke2fs.conf", "etc/mke2fs.conf", 0o644)
-    log(f"nbd-client, mke2fs and {len(libs)} libraries: {' '.join(os.path.basename(l) for l in sorted(libs))}")
+    lib_names = " ".join(os.path.basename(lib) for lib in sorted(libs))
+    log(f"nbd-client, mke2fs and {len(libs)} libraries: {lib_names}")
 
     # kernel modules, flat, plus their load order
     mods = resolve_modules(moddir, WANTED_MODULES)
@@ -388,9 +389,9 @@ def _ensure_guest(cache: str, force: bool) -> dict:
 
     t0 = time.monotonic()
     log(f"building the test guest in {cache}")
-    for f in (meta_path, initramfs):
-        if os.path.exists(f):
-            os.unlink(f)
+    for stale in (meta_path, initramfs):
+        if os.path.exists(stale):
+            os.unlink(stale)
     deb = kernel_deb(cache)
     work = tempfile.mkdtemp(prefix="build-", dir=cache)
     try:
