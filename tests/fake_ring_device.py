@@ -21,8 +21,8 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from vblk_core.transport import Transport
 
@@ -96,7 +96,7 @@ class FakeRing:
         self.used_idx = 0     # our used idx (free-running u16)
 
     @classmethod
-    def from_layout(cls, mem, offset: int, layout, guest_base: int) -> "FakeRing":
+    def from_layout(cls, mem, offset: int, layout, guest_base: int) -> FakeRing:
         return cls(mem, layout.queue_size, offset, offset + layout.avail_offset,
                    offset + layout.used_offset, guest_base)
 
@@ -284,6 +284,7 @@ class BlkEmulator:
             ring.write(req.data[0].addr, ident)
             return S_OK, len(ident) + 1
         if req.type in (T_DISCARD, T_WRITE_ZEROES):
+            assert req.segment is not None, "checked when the chain was parsed"
             sector, count, _flags = req.segment
             if (sector + count) * 512 > len(disk):
                 return S_IOERR, 1
@@ -295,6 +296,7 @@ class BlkEmulator:
         """Answer one chain (writes data and status, pushes the used entry)."""
         req = self.parse(chain)
         self.log.append(req)
+        status: int | None
         status, used_len = self.execute(req)
         b = self.policy(req) if self.policy else None
         if b is not None:
@@ -350,7 +352,7 @@ class FakeVhostBackend:
         self.sessions: list[_FakeSession] = []
         self.errors: list[BaseException] = []
 
-    def connect(self) -> "_FakeSession":
+    def connect(self) -> _FakeSession:
         s = _FakeSession(self)
         self.sessions.append(s)
         return s

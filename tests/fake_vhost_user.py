@@ -279,7 +279,7 @@ class FakeVhostUserBlk:
 
     # --- life cycle --------------------------------------------------------------------------
 
-    def start(self) -> "FakeVhostUserBlk":
+    def start(self) -> FakeVhostUserBlk:
         if os.path.exists(self.path):
             os.unlink(self.path)
         self._listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -307,7 +307,7 @@ class FakeVhostUserBlk:
     def wait_gone(self, timeout: float = 5.0) -> bool:
         return self.gone.wait(timeout)
 
-    def __enter__(self) -> "FakeVhostUserBlk":
+    def __enter__(self) -> FakeVhostUserBlk:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -414,6 +414,7 @@ class FakeVhostUserBlk:
         while len(buf) < n:
             if want_fds and not buf:
                 try:
+                    assert self._conn is not None
                     data, got, _flags, _addr = socket.recv_fds(self._conn, n, 16)
                 except OSError:
                     data, got = b"", []
@@ -709,6 +710,7 @@ class FakeVhostUserBlk:
             self._signal(vr, old_used, event_idx)
 
     def _push_used(self, vr: _Vring, head: int, length: int) -> None:
+        assert vr.addr is not None, "only called on a set-up ring"
         _d, (ureg, uoff), _a = vr.addr
         USED_ELEM.pack_into(ureg.view, uoff + 4 + 8 * (vr.used_idx % vr.num), head, length)
         vr.used_idx = (vr.used_idx + 1) & 0xFFFF
@@ -720,6 +722,7 @@ class FakeVhostUserBlk:
         if vr.call_fd < 0:
             return
         self._barrier()
+        assert vr.addr is not None, "only called on a set-up ring"
         _d, _u, (areg, aoff) = vr.addr
         if self.signal_always:
             notify = True
@@ -733,6 +736,7 @@ class FakeVhostUserBlk:
 
     def _chain(self, index: int, vr: _Vring, head: int):
         """The chain at ``head``: lists of readable and writable (view, offset, len) pieces."""
+        assert vr.addr is not None, "only called on a set-up ring"
         (dreg, doff), _u, _a = vr.addr
         dmem = dreg.view
         readable, writable = [], []

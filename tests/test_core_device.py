@@ -8,11 +8,10 @@ import threading
 
 import pytest
 
-from device_util import open_device
 import vblk_core
-from vblk_core import ConfigError, ConnectError, RequestError
-
 from conftest import pattern
+from device_util import open_device
+from vblk_core import ConfigError, ConnectError, RequestError
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -28,12 +28,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fake_vhost_user import (F_EVENT_IDX, F_PROTOCOL_FEATURES, F_SIZE_MAX, F_VERSION_1,
-                             INJECTED, P_CONFIG, P_REPLY_ACK, QSD_FEATURES,
-                             QSD_PROTOCOL_FEATURES, FakeVhostUserBlk, Req, wait_for)
 from device_util import open_device
-from vblk_core import (BlockDevice, ConfigError, ConnectError, ControlTimeout, DeviceError,
-                       DeviceState, ProtocolError, RequestError, TransportError, VblkError)
+from fake_vhost_user import (
+    F_EVENT_IDX,
+    F_PROTOCOL_FEATURES,
+    F_SIZE_MAX,
+    F_VERSION_1,
+    INJECTED,
+    P_CONFIG,
+    P_REPLY_ACK,
+    QSD_FEATURES,
+    QSD_PROTOCOL_FEATURES,
+    FakeVhostUserBlk,
+    Req,
+    wait_for,
+)
+from vblk_core import (
+    BlockDevice,
+    ConfigError,
+    ConnectError,
+    ControlTimeout,
+    DeviceError,
+    DeviceState,
+    ProtocolError,
+    RequestError,
+    TransportError,
+    VblkError,
+)
 
 CONTROL_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 1.0

@@ -5,8 +5,8 @@ import ctypes
 
 import pytest
 
-from device_util import open_device
 import vblk_core
+from device_util import open_device
 from vblk_core.layout import DESC_SIZE, VirtqueueLayout, align_up
 from vblk_core.virtio_blk import VirtioBlkReqSlot
 from vblk_core.virtqueue import Virtqueue

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fake_ring_device import CONFIG_LEN, QSD_FEATURES, blk_config, qsd_like_config
 from vblk_core.errors import DeviceError
 from vblk_core.virtio_blk import CONFIG_SIZE, MAX_CAPACITY_SECTORS, BlockConfig, status_to_errno
 
@@ -15,8 +16,6 @@ from vblk_core.virtio_blk import CONFIG_SIZE, MAX_CAPACITY_SECTORS, BlockConfig,
 VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE = 1, 2, 6
 VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_CONFIG_WCE = 9, 10, 11
 VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES = 12, 13, 14
-
-from fake_ring_device import CONFIG_LEN, QSD_FEATURES, blk_config, qsd_like_config
 
 
 def bit(*bits: int) -> int:

@@ -11,21 +11,31 @@ import time
 import pytest
 
 import vblk_core
+from fake_ring_device import (
+    F_NEXT,
+    F_WRITE,
+    QSD_FEATURES,
+    S_IOERR,
+    S_UNSUPP,
+    USED_F_NO_NOTIFY,
+    Behaviour,
+    BlkEmulator,
+    FakeConfig,
+    FakeRing,
+    FakeVhostBackend,
+    qsd_like_config,
+)
 from vblk_core.errors import RequestError, RingError
 from vblk_core.layout import VirtqueueLayout
 from vblk_core.memory import SharedRegion
 from vblk_core.queues import QueueRunner
 from vblk_core.request import BlockRequest
+from vblk_core.virtio import VirtioFeature
 from vblk_core.virtio_blk import RequestType, VirtioBlkReqSlot
+from vblk_core.virtqueue import Virtqueue
 
 VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT = RequestType.IN, RequestType.OUT
 VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD = RequestType.FLUSH, RequestType.DISCARD
-from vblk_core.virtio import VirtioFeature
-from vblk_core.virtqueue import Virtqueue
-
-from fake_ring_device import (F_NEXT, F_WRITE, QSD_FEATURES, S_IOERR, S_UNSUPP,
-                              USED_F_NO_NOTIFY, Behaviour, BlkEmulator, FakeConfig, FakeRing,
-                              FakeVhostBackend, qsd_like_config)
 
 GUEST = 0x7F0000100000  # any 16-aligned guest address for mem[0]
 
@@ -81,13 +91,14 @@ def test_free_list_reuse_model(size):
     vq, ring, data = make_queue(size)
     in_flight: dict[int, tuple[list, set[int]]] = {}   # head -> (segments, descriptor indices)
     seen_heads = set()
-    for step in range(3000):
+    for _step in range(3000):
         if in_flight and (vq.num_free == 0 or rnd.random() < 0.45):
             # the device completes one random chain (out of order)
             head = rnd.choice(list(in_flight))
             segs, _ = in_flight.pop(head)
-            ring.push(head, sum(l for _, l, w in segs if w))
-            assert vq.harvest() == [(head, sum(l for _, l, w in segs if w))]
+            writable = sum(n for _, n, w in segs if w)
+            ring.push(head, writable)
+            assert vq.harvest() == [(head, writable)]
         else:
             n = rnd.randint(1, min(4, vq.num_free))
             segs = [(data + 64 * rnd.randrange(256), rnd.randint(1, 4096), rnd.random() < 0.5)
@@ -102,7 +113,7 @@ def test_free_list_reuse_model(size):
             in_flight[head] = (segs, idx)
             seen_heads.add(head)
         assert vq.num_free == size - sum(len(s) for s, _ in in_flight.values())
-    for head, (segs, _) in in_flight.items():
+    for head in in_flight:
         ring.push(head, 0)
     assert sorted(h for h, _ in vq.harvest()) == sorted(in_flight)
     assert vq.num_free == size
@@ -124,7 +135,7 @@ def test_wraparound_of_16_bit_indices():
             seq += 1
         chains = ring.pop_all()
         assert [c.head for c in chains] == [h for h, _, _ in batch]
-        for c, (_, s, n) in zip(chains, batch):
+        for c, (_, s, n) in zip(chains, batch, strict=False):
             assert c.descs[0].addr == data + (s % 1000) * 8 and len(c.descs) == n
         for c in reversed(chains):  # complete in reverse order
             ring.push(c.head, c.writable_bytes, publish=False)
@@ -294,14 +305,14 @@ def test_same_id_completed_twice():
 @pytest.mark.parametrize("which,length", [("a", 514), ("b", 1), ("c", 2), ("a", 0x80000000)])
 def test_length_beyond_writable_bytes(which, length):
     vq, ring, _ = make_queue(8)
-    heads = dict(zip("abc", _three_requests(vq)))
+    heads = dict(zip("abc", _three_requests(vq), strict=False))
     first = heads["c"] if which != "c" else heads["b"]
     ring.push(first, 0, publish=False)
     ring.push(heads[which], length)
     _assert_device_error(vq, [(first, 0)], "bytes written")
     # the exact limit is fine
     vq, ring, _ = make_queue(8)
-    heads = dict(zip("abc", _three_requests(vq)))
+    heads = dict(zip("abc", _three_requests(vq), strict=False))
     ring.push(heads[which], {"a": 513, "b": 0, "c": 1}[which])
     assert len(vq.harvest()) == 1
 
