@@ -1,0 +1,575 @@
+#!/usr/bin/env python3
+"""Build (and cache) the guest that drives vblk's vhost-vdpa and vfio-pci transports against real
+devices, and boot it.  One builder for tests/test_vdpa_guest.py and tests/test_vfio_guest.py.
+
+The guest is a Debian 13 kernel (6.12: it has VDPA, VDUSE, VHOST_VDPA, VFIO and 9p as modules;
+Debian 12's 6.1 has no vDPA) and a small busybox initramfs holding only the kernel modules.  Its
+/init (tests/vm/transport_init) loads the modules, mounts the HOST's root read-only over virtio-9p
+and chroots into it, so python3, nbdkit, qemu-storage-daemon, libnbd, nbdcopy and the repository
+itself come from the host, unchanged.  A second, writable 9p share (a host directory) carries the
+plan in and the results out; images are QEMU -drive disks, so the host checks them itself after
+QEMU has exited.
+
+The kernel: linux-image-amd64's dependency in the *trixie* Packages index of the host's Debian
+mirror (on a Debian 12 host apt has no trixie source): the index is authenticated through the
+suite's InRelease (gpgv, debian-archive-keyring), the .deb through the index's SHA256, downloaded
+with urllib into tests/vm/.cache/transport/debs/ (git-ignored), unpacked with ``dpkg-deb -x``,
+never installed.  On Debian 13 and later the host's own linux-image-amd64 dependency is
+``apt-get download``ed instead.  The kernel-extraction and module helpers are build_guest.py's.
+
+Results in tests/vm/.cache/transport/: vmlinux (booted through PVH: faster than the bzImage
+under TCG), initramfs.cpio, guest.json.  Rebuilt when missing or when the init script, the module
+list, busybox or FORMAT changed; the cached .deb is reused offline (``--refresh`` looks the
+current one up again).
+
+    python3 tests/vm/transport_guest.py [--force] [--refresh]     build, print guest.json
+    python3 tests/vm/transport_guest.py --boot [N]                 build, boot N times, timings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import lzma
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import build_guest  # noqa: E402  (tests/vm/build_guest.py: kernel and module helpers)
+from build_guest import BuildError  # noqa: E402
+
+DEFAULT_CACHE = os.path.join(HERE, ".cache", "transport")
+INIT_SCRIPT = os.path.join(HERE, "transport_init")
+CHECKS_SCRIPT = os.path.join(HERE, "transport_checks.py")
+BUSYBOX = "/bin/busybox"
+SUITE = "trixie"           # the Debian suite whose kernel has vDPA (Debian 12's 6.1 has none)
+KERNEL_META = "linux-image-amd64"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+FORMAT = 3  # bump when the build changes in a way the cache key does not see
+
+# Module groups the init can load (vblk.modules=9p,blk,vdpa); dependencies come first
+# (modinfo), a module already loaded by an earlier group is skipped in the guest.
+MODULE_GROUPS: dict[str, list[str]] = {
+    "9p": ["netfs", "9pnet", "9p", "9pnet_virtio"],         # the host root and the share
+    "blk": ["virtio_blk"],                                   # disks for qemu-storage-daemon
+    # vDPA through VDUSE, bound to vhost_vdpa: virtio_vdpa is deliberately NOT in the guest
+    # (it would claim the device for the guest kernel instead of /dev/vhost-vdpa-N).
+    "vdpa": ["vdpa", "vhost_iotlb", "vduse", "irqbypass", "vhost", "vhost_vdpa"],
+    "vfio": ["vfio", "vfio_iommu_type1", "vfio_pci"],
+}
+# Kernel options the guest needs (checked in the kernel package's boot/config-*).
+REQUIRED_CONFIG = {
+    "CONFIG_VDPA": "m", "CONFIG_VDPA_USER": "m", "CONFIG_VHOST_VDPA": "m",
+    "CONFIG_VFIO_PCI": "m", "CONFIG_INTEL_IOMMU": "y", "CONFIG_IRQ_REMAP": "y",
+    "CONFIG_NET_9P_VIRTIO": "m", "CONFIG_9P_FS": "m", "CONFIG_VIRTIO_BLK": "m",
+    "CONFIG_PVH": "y",
+}
+RESULT_RE = re.compile(r"VBLK-GUEST-RESULT: (OK|FAIL)\b ?(.*)")
+INIT_STARTED = re.compile(r"vblk-guest \[[0-9.]+\] init started")
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[transport_guest {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- host checks
+
+# program (or file) -> the Debian package that provides it
+HOST_NEEDS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "busybox": "busybox-static",
+    "modinfo": "kmod",
+    "dpkg-deb": "dpkg",
+    "gpgv": "gpgv",
+    KEYRING: "debian-archive-keyring",
+}
+
+
+def missing_host_parts(extra: dict[str, str] | None = None) -> list[str]:
+    """'name (package P)' for every program or file in HOST_NEEDS + extra that is missing."""
+    missing = []
+    for what, pkg in {**HOST_NEEDS, **(extra or {})}.items():
+        found = os.path.exists(what) if what.startswith("/") else shutil.which(what)
+        if not found:
+            missing.append(f"{what} (package {pkg})")
+    return missing
+
+
+def os_release() -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                k, sep, v = line.strip().partition("=")
+                if sep:
+                    out[k] = v.strip('"')
+    except OSError:
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------- kernel package
+
+def host_mirror() -> str:
+    """The Debian mirror the host's apt uses (deb822 .sources or sources.list), not a security
+    or ports archive; deb.debian.org if none is found."""
+    candidates: list[str] = []
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        with open(path) as f:
+            for stanza in f.read().split("\n\n"):
+                fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.M))
+                if "deb" not in fields.get("Types", "").split():
+                    continue
+                suites = fields.get("Suites", "").split()
+                if any(s.endswith("-security") for s in suites):
+                    continue
+                candidates += fields.get("URIs", "").split()
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+        try:
+            with open(path) as f:
+                for line in f:
+                    m = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+                    if m and not m.group(2).endswith("-security"):
+                        candidates.append(m.group(1))
+        except OSError:
+            pass
+    for uri in candidates:
+        if uri.startswith(("http://", "https://")) and "security" not in uri:
+            return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def fetch(url: str, dest: str | None = None, what: str = "") -> bytes:
+    """GET url; into dest (via dest.part, with progress) if given, else returned."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            if dest is None:
+                return bytes(r.read())
+            total = int(r.headers.get("Content-Length") or 0)
+            done, shown = 0, -1
+            with open(dest + ".part", "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    pct = done * 100 // total if total else -1
+                    if pct // 20 != shown // 20 and pct >= 0:
+                        shown = pct
+                        log(f"  {what or os.path.basename(dest)}: {done >> 20} of "
+                            f"{total >> 20} MiB")
+            os.rename(dest + ".part", dest)
+            return b""
+    except (urllib.error.URLError, OSError) as e:
+        raise BuildError(f"cannot download {url}: {e}") from e
+
+
+def verified_packages_index(mirror: str, suite: str, workdir: str) -> str:
+    """The suite's main/binary-amd64 Packages text, authenticated: InRelease checked with gpgv
+    against debian-archive-keyring, Packages.xz against InRelease's SHA256."""
+    inrelease = os.path.join(workdir, "InRelease")
+    with open(inrelease, "wb") as f:
+        f.write(fetch(f"{mirror}/dists/{suite}/InRelease"))
+    if not os.path.exists(KEYRING):
+        raise BuildError(f"{KEYRING} is missing: install the package debian-archive-keyring")
+    gpg = subprocess.run(["gpgv", "--keyring", KEYRING, inrelease], capture_output=True,
+                         text=True)
+    if gpg.returncode != 0:
+        raise BuildError(f"gpgv could not verify {mirror}/dists/{suite}/InRelease "
+                         f"({gpg.returncode}): {gpg.stderr.strip()} (package gpgv, "
+                         "debian-archive-keyring up to date?)")
+    with open(inrelease) as f:
+        text = f.read()
+    sha_section = text.split("\nSHA256:\n", 1)
+    m = re.search(r"^ ([0-9a-f]{64})\s+(\d+) main/binary-amd64/Packages\.xz$",
+                  sha_section[-1], re.M) if len(sha_section) == 2 else None
+    if not m:
+        raise BuildError(f"{suite}'s InRelease lists no SHA256 for main/binary-amd64/Packages.xz")
+    log(f"InRelease of {suite} verified; fetching main/binary-amd64/Packages.xz "
+        f"({int(m.group(2)) >> 20} MiB)")
+    data = fetch(f"{mirror}/dists/{suite}/main/binary-amd64/Packages.xz")
+    if hashlib.sha256(data).hexdigest() != m.group(1) or len(data) != int(m.group(2)):
+        raise BuildError(f"{suite}'s Packages.xz does not match its InRelease (mirror in sync?)")
+    return lzma.decompress(data).decode("utf-8", "replace")
+
+
+def package_stanza(index: str, name: str) -> dict[str, str]:
+    m = re.search(rf"^Package: {re.escape(name)}\n(.*?)(?:\n\n|\Z)", index, re.M | re.S)
+    if not m:
+        raise BuildError(f"package {name} is not in the {SUITE} Packages index")
+    return dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", m.group(0), re.M))
+
+
+def archive_kernel_deb(debdir: str, refresh: bool) -> str:
+    """The trixie kernel .deb (linux-image-amd64's dependency) from the host's mirror."""
+    have = sorted(glob.glob(os.path.join(debdir, "linux-image-*.deb")))
+    if have and not refresh:
+        log(f"kernel package (cached): {os.path.basename(have[-1])}")
+        return have[-1]
+    mirror = host_mirror()
+    log(f"looking up {KERNEL_META} in {mirror} {SUITE}")
+    work = tempfile.mkdtemp(prefix="index-", dir=debdir)
+    try:
+        index = verified_packages_index(mirror, SUITE, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    depends = package_stanza(index, KERNEL_META).get("Depends", "")
+    names = re.findall(r"(linux-image-[0-9][^\s,()|]*)", depends)
+    if not names:
+        raise BuildError(f"{SUITE}'s {KERNEL_META} depends on no versioned kernel: {depends!r}")
+    pkg = package_stanza(index, names[0])
+    filename, sha, size = pkg.get("Filename"), pkg.get("SHA256"), int(pkg.get("Size", "0"))
+    if not filename or not sha:
+        raise BuildError(f"the {SUITE} index has no Filename/SHA256 for {names[0]}")
+    dest = os.path.join(debdir, os.path.basename(filename))
+    if not (os.path.exists(dest) and build_guest.sha256_file(dest) == sha):
+        log(f"downloading {names[0]} {pkg.get('Version')} ({size >> 20} MiB) from {mirror}")
+        fetch(f"{mirror}/{filename}", dest, names[0])
+        got = build_guest.sha256_file(dest)
+        if got != sha:
+            os.unlink(dest)
+            raise BuildError(f"{filename}: SHA256 {got} is not the index's {sha}")
+    for old in glob.glob(os.path.join(debdir, "linux-image-*.deb")):
+        if old != dest:
+            os.unlink(old)   # an older point release: superseded
+    log(f"kernel package: {os.path.basename(dest)} ({os.path.getsize(dest) >> 20} MiB, "
+        "SHA256 verified)")
+    return dest
+
+
+def kernel_deb(cache: str, refresh: bool = False) -> str:
+    debdir = os.path.join(cache, "debs")
+    os.makedirs(debdir, exist_ok=True)
+    if os_release().get("VERSION_ID") == "12":
+        return archive_kernel_deb(debdir, refresh)
+    # Debian 13 and later: the host's own kernel package has vDPA (checked after unpacking).
+    return str(build_guest.kernel_deb(cache))
+
+
+def check_kernel_config(config_path: str) -> None:
+    with open(config_path) as f:
+        config = dict(re.findall(r"^(CONFIG_\w+)=(\S+)$", f.read(), re.M))
+    bad = [f"{k}={config.get(k, 'unset')} (need {v})" for k, v in REQUIRED_CONFIG.items()
+           if config.get(k) not in (v, "y")]
+    if bad:
+        raise BuildError(f"the guest kernel {os.path.basename(config_path)} lacks: "
+                         f"{', '.join(bad)}")
+
+
+# ----------------------------------------------------------------------------- building
+
+def input_key(deb: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"format {FORMAT}\n{os.path.basename(deb)}\n".encode())
+    h.update(json.dumps(MODULE_GROUPS, sort_keys=True).encode())
+    with open(INIT_SCRIPT, "rb") as f:
+        h.update(f.read())
+    h.update(build_guest.sha256_file(BUSYBOX).encode())
+    return h.hexdigest()
+
+
+def populate_root(root: str, moddir: str, kver: str) -> dict[str, list[str]]:
+    """busybox (static) with its applet links, the modules of every group (decompressed, flat),
+    /etc/vblk-modules/GROUP (load order) and /init."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/vblk-modules", "dev", "proc", "sys",
+              "host", "tmp", f"lib/modules/{kver}"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    build_guest.copy_into(root, BUSYBOX, "bin/busybox", 0o755)
+    applets = build_guest.run([BUSYBOX, "--list-full"]).stdout.split()
+    for rel in applets:
+        dst = os.path.join(root, rel)
+        if not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.path.relpath(os.path.join(root, "bin/busybox"),
+                                       os.path.dirname(dst)), dst)
+    groups: dict[str, list[str]] = {}
+    copied: set[str] = set()
+    for group, wanted in MODULE_GROUPS.items():
+        names = []
+        for src in build_guest.resolve_modules(moddir, wanted):
+            name = build_guest.module_name(src)
+            if name not in copied:
+                build_guest.copy_module(src, os.path.join(root, f"lib/modules/{kver}/{name}.ko"))
+                copied.add(name)
+            names.append(name)
+        with open(os.path.join(root, "etc/vblk-modules", group), "w") as f:
+            f.write("".join(f"{n}\n" for n in names))
+        groups[group] = names
+        log(f"module group {group}: {' '.join(names)}")
+    with open(os.path.join(root, "etc/vblk-kver"), "w") as f:
+        f.write(kver + "\n")
+    build_guest.copy_into(root, INIT_SCRIPT, "init", 0o755)
+    return groups
+
+
+def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False,
+                 refresh: bool = False) -> dict:
+    """The guest's description (paths in the cache), building whatever is missing.  Raises
+    BuildError saying what is missing and which package provides it."""
+    missing = missing_host_parts()
+    if missing:
+        raise BuildError(f"missing on the host: {', '.join(missing)} (scripts/setup --vm)")
+    os.makedirs(cache, exist_ok=True)
+    import fcntl
+    with open(os.path.join(cache, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one builder at a time
+        return _ensure_guest(cache, force, refresh)
+
+
+def _ensure_guest(cache: str, force: bool, refresh: bool) -> dict:
+    meta_path = os.path.join(cache, "guest.json")
+    vmlinux = os.path.join(cache, "vmlinux")
+    initramfs = os.path.join(cache, "initramfs.cpio")
+    deb = kernel_deb(cache, refresh)
+    key = input_key(deb)
+    if not force and os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = {}
+        if (meta.get("key") == key and os.path.exists(vmlinux) and os.path.exists(initramfs)
+                and os.path.getsize(initramfs) == meta.get("initramfs_size")):
+            return meta
+    t0 = time.monotonic()
+    log(f"building the transport guest in {cache}")
+    for path in (meta_path, initramfs):
+        if os.path.exists(path):
+            os.unlink(path)
+    work = tempfile.mkdtemp(prefix="build-", dir=cache)
+    try:
+        kroot = os.path.join(work, "kernel")
+        log(f"unpacking {os.path.basename(deb)} with dpkg-deb -x")
+        build_guest.run(["dpkg-deb", "-x", deb, kroot])
+        vmlinuzs = glob.glob(os.path.join(kroot, "boot", "vmlinuz-*"))
+        if len(vmlinuzs) != 1:
+            raise BuildError(f"expected one vmlinuz in {deb}, found {vmlinuzs}")
+        kver = os.path.basename(vmlinuzs[0])[len("vmlinuz-"):]
+        check_kernel_config(os.path.join(kroot, "boot", f"config-{kver}"))
+        moddirs = [d for d in (os.path.join(kroot, "usr", "lib", "modules", kver),
+                               os.path.join(kroot, "lib", "modules", kver)) if os.path.isdir(d)]
+        if not moddirs:
+            raise BuildError(f"no modules directory for {kver} in {deb}")
+        compression = build_guest.extract_vmlinux(vmlinuzs[0], vmlinux)
+        log(f"kernel {kver}: vmlinux extracted from the {compression} bzImage (PVH boot)")
+        root = os.path.join(work, "root")
+        groups = populate_root(root, moddirs[0], kver)
+        build_guest.make_cpio(root, initramfs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {
+        "key": key,
+        "kernel_package": os.path.basename(deb),
+        "kernel_version": kver,
+        "kernel_compression": compression,
+        "vmlinux": vmlinux,
+        "initramfs": initramfs,
+        "initramfs_size": os.path.getsize(initramfs),
+        "module_groups": groups,
+        "build_seconds": round(time.monotonic() - t0, 1),
+    }
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.rename(meta_path + ".tmp", meta_path)
+    log(f"guest ready in {meta['build_seconds']} s: vmlinux {os.path.getsize(vmlinux) >> 20} MiB,"
+        f" initramfs {meta['initramfs_size'] >> 10} KiB")
+    return meta
+
+
+# ----------------------------------------------------------------------------- running QEMU
+
+@dataclasses.dataclass
+class Disk:
+    """A raw image as a virtio-blk-pci disk at PCI slot ``slot`` of bus 0."""
+    path: str
+    slot: int
+    serial: str
+    num_queues: int = 1
+    iommu_platform: bool = False   # behind the vIOMMU (needed for vfio-pci)
+
+    @property
+    def pci_address(self) -> str:
+        return f"0000:00:{self.slot:02x}.0"
+
+
+@dataclasses.dataclass
+class GuestRun:
+    ok: bool                    # the guest printed "VBLK-GUEST-RESULT: OK"
+    result_line: str | None
+    details: str
+    console: str
+    returncode: int | None      # QEMU's exit status (None: killed on timeout)
+    timed_out: bool
+    seconds: float              # QEMU start to exit
+    boot_seconds: float | None  # QEMU start to the init's first line
+
+    def explain(self, lines: int = 60) -> str:
+        tail = "\n".join(self.console.splitlines()[-lines:])
+        return (f"result={self.result_line!r} qemu_rc={self.returncode} "
+                f"timed_out={self.timed_out} after {self.seconds:.1f}s\n"
+                f"--- last console lines ---\n{tail}")
+
+
+def _opt(value: str) -> str:
+    """Escape a value for a QEMU comma-separated option list."""
+    return value.replace(",", ",,")
+
+
+SHARE_SLOT, ROOT_SLOT = 2, 3
+
+
+def qemu_command(meta: dict, share: str, *, modules: list[str], run: str = "",
+                 disks: Sequence[Disk] = (), iommu: bool = False, memory_mb: int = 1024,
+                 smp: int = 1, append: Sequence[str] = ()) -> list[str]:
+    """QEMU (TCG) booting the guest: host root read-only at 9p tag hostroot, ``share`` writable
+    at tag share, the disks, and with ``iommu`` a q35 machine with an intel-iommu (interrupt
+    remapping, caching mode: what vfio in the guest needs) placed before every PCI device."""
+    for p in (share, run, *(d.path for d in disks)):
+        if re.search(r"\s", p):
+            raise ValueError(f"path with white space cannot go on the kernel command line: {p!r}")
+    cmdline = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4", "rdinit=/init",
+               "i8042.noaux=1", "i8042.nokbd=1", "i8042.nopnp=1",
+               f"vblk.modules={','.join(modules)}"]
+    if run:
+        cmdline.append(f"vblk.run={run}")
+    if iommu:
+        cmdline.append("intel_iommu=on")
+    cmdline += list(append)
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(smp),
+           "-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none",
+           "-machine", "q35" if iommu else "pc",
+           "-kernel", _opt(meta["vmlinux"]), "-initrd", _opt(meta["initramfs"]),
+           "-append", " ".join(cmdline)]
+    if iommu:
+        cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+    cmd += ["-fsdev", "local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr={ROOT_SLOT:#x}",
+            "-fsdev", f"local,id=fsshare,path={_opt(share)},security_model=none,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=fsshare,mount_tag=share,addr={SHARE_SLOT:#x}"]
+    for i, d in enumerate(disks):
+        cmd += ["-drive", f"file={_opt(d.path)},if=none,id=d{i},format=raw,discard=unmap",
+                "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial},addr={d.slot:#x},"
+                           f"num-queues={d.num_queues},disable-legacy=on"
+                           + (",iommu_platform=on" if d.iommu_platform else "")]
+    return cmd
+
+
+def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
+              disks: Sequence[Disk] = (), iommu: bool = False, timeout: float = 150.0,
+              smp: int = 1, memory_mb: int = 1024,
+              progress: Callable[[str], None] | None = None) -> GuestRun:
+    """Boot the guest once and wait for it to power off; QEMU is killed (by PID) on timeout.
+    Every console line goes to share/../console.log-free ``progress`` as it arrives."""
+    cmd = qemu_command(meta, share, modules=modules, run=run, disks=disks, iommu=iommu,
+                       smp=smp, memory_mb=memory_mb)
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    boot: float | None = None
+    timed_out = False
+    chunks: list[bytes] = []
+    partial = b""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+            partial += data
+            *lines, partial = partial.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                if boot is None and INIT_STARTED.search(line):
+                    boot = time.monotonic() - t0
+                if progress:
+                    progress(f"[{time.monotonic() - t0:5.1f}s] {line}")
+    finally:
+        if proc.poll() is None and timed_out:
+            proc.send_signal(signal.SIGKILL)   # QEMU, by PID
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    seconds = time.monotonic() - t0
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    result: str | None = None
+    ok, details = False, ""
+    for m in RESULT_RE.finditer(text):
+        result, ok, details = m.group(0).strip(), m.group(1) == "OK", m.group(2).strip()
+    return GuestRun(ok=ok, result_line=result, details=details, console=text,
+                    returncode=None if timed_out else proc.returncode, timed_out=timed_out,
+                    seconds=seconds, boot_seconds=boot)
+
+
+def main() -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    ap.add_argument("--refresh", action="store_true",
+                    help="look the current kernel package up again (network)")
+    ap.add_argument("--cache", default=DEFAULT_CACHE)
+    ap.add_argument("--boot", type=int, nargs="?", const=1, default=0, metavar="N",
+                    help="boot N times (init loads every module group, mounts, powers off)")
+    ap.add_argument("--iommu", action="store_true", help="with --boot: q35 + intel-iommu")
+    ap.add_argument("--smp", type=int, default=1)
+    ap.add_argument("-v", "--verbose", action="store_true", help="with --boot: the console")
+    args = ap.parse_args()
+    try:
+        meta = ensure_guest(args.cache, args.force, args.refresh)
+    except BuildError as e:
+        print(f"transport_guest: {e}", file=sys.stderr)
+        return 1
+    if not args.boot:
+        print(json.dumps(meta, indent=1))
+        return 0
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    share = tempfile.mkdtemp(prefix="vblk-tg-")
+    try:
+        for i in range(args.boot):
+            r = run_guest(meta, share, modules=list(MODULE_GROUPS), iommu=args.iommu,
+                          smp=args.smp, timeout=120,
+                          progress=echo if args.verbose else None)
+            print(f"boot {i + 1}: init after {r.boot_seconds}s, powered off after "
+                  f"{r.seconds:.1f}s: {r.result_line}", flush=True)
+            if not r.ok:
+                print(r.explain(), file=sys.stderr)
+                return 1
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
