@@ -1,4 +1,5 @@
-# vblk: an nbdkit plugin whose storage is a virtio-blk device behind vhost-user.
+# vblk: an nbdkit plugin whose storage is a virtio-blk device (vhost-user, vhost-vdpa or
+# vfio-pci).
 #
 # Serve an image (a private qemu-storage-daemon is started and stopped with nbdkit):
 #
@@ -7,6 +8,11 @@
 # Or attach to a running vhost-user-blk back-end (qemu-storage-daemon, SPDK, ...):
 #
 #   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py socket=/tmp/vhost.sock num-queues=4
+#
+# Or drive a vDPA block device, or a virtio-blk PCI function bound to vfio-pci (see README):
+#
+#   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py vdpa=/dev/vhost-vdpa-0
+#   nbdkit -f -U /tmp/vblk.sock python plugin/plugin.py pci=0000:00:04.0
 #
 # Then e.g.:  nbdinfo 'nbd+unix:///?socket=/tmp/vblk.sock'
 # The keys are documented in README.md ("Configuration keys"); unknown keys are refused.
@@ -27,8 +33,8 @@ for _path in (_HERE, os.path.dirname(_HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from vblk_core import BlockDevice, VblkError, VhostUserConnector  # noqa: E402
-from vblk_plugin.config import PluginConfig, probe_device  # noqa: E402
+from vblk_core import BlockDevice, VblkError  # noqa: E402
+from vblk_plugin.config import DEVICE_KEYS, PluginConfig, connector, probe_device  # noqa: E402
 from vblk_plugin.daemon import ManagedDaemon  # noqa: E402
 from vblk_plugin.stats import StatsWriter  # noqa: E402
 
@@ -103,19 +109,19 @@ def after_fork():
     # managed daemon must all belong to the final process.
     global device, daemon, stats
     try:
-        socket_path = cfg.socket
+        socket_path = None
         if cfg.image:
             daemon = ManagedDaemon(cfg.image, cfg.format, cfg.num_queues or 4, cfg.aio)
             daemon.start()
             socket_path = daemon.socket
-        device = BlockDevice.open(VhostUserConnector(socket_path, timeout=5.0),
+        device = BlockDevice.open(connector(cfg, socket_path),
                                   num_queues=cfg.num_queues, queue_size=cfg.queue_size,
                                   bounce_buffers=cfg.bounce_buffers,
                                   request_timeout=cfg.request_timeout,
                                   reconnect_timeout=cfg.reconnect_timeout)
     except VblkError as e:
         _stop_daemon()
-        key = "image" if cfg.image else "socket"
+        key = next(k for k in DEVICE_KEYS if getattr(cfg, k))
         raise RuntimeError(f"{key}: {e}") from None
     if daemon is not None and cfg.reconnect_timeout > 0:
         daemon.supervise(on_event=_warn)

@@ -59,7 +59,8 @@ def test_defaults():
 
 
 def test_keys_documented():
-    assert set(KEYS) == {"socket", "image", "format", "aio", "num-queues", "queue-size",
+    assert set(KEYS) == {"socket", "image", "vdpa", "pci", "format", "aio", "num-queues",
+                         "queue-size",
                          "bounce-buffers", "stats", "reconnect-timeout", "request-timeout"}
     assert all(KEYS[k].strip() for k in KEYS)
 

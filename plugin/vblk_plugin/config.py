@@ -5,20 +5,27 @@ the keys for users (nbdkit's Python plugin has no per-plugin --help)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vblk_core.errors import ConfigError, VblkError
+from vblk_core.transport import Connector
 from vblk_core.virtio_blk import queue_size_problem
 
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
+#: The keys that name the device; exactly one of them is given.
+DEVICE_KEYS = ("socket", "image", "vdpa", "pci")
+_PCI_ADDRESS = re.compile(r"^(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
 
 KEYS = {
     "socket": "PATH of a running vhost-user-blk back-end's unix socket",
     "image": "PATH of a disk image: start a private qemu-storage-daemon on it",
+    "vdpa": "PATH of a vhost-vdpa character device (/dev/vhost-vdpa-N) of a block device",
+    "pci": "PCI address (0000:00:04.0) of a virtio-blk function bound to vfio-pci",
     "format": "format of image= (raw or qcow2; default raw)",
     "aio": "I/O engine of the private daemon (threads, io_uring or native; default threads)",
     "num-queues": "virtqueues to use (default: what the device offers, at most 4)",
@@ -63,6 +70,8 @@ def _parse_seconds(key: str, value: str, allow_zero: bool) -> float:
 class PluginConfig:
     socket: str | None = None
     image: str | None = None
+    vdpa: str | None = None
+    pci: str | None = None
     format: str = "raw"
     aio: str = "threads"
     num_queues: int | None = None
@@ -81,7 +90,13 @@ class PluginConfig:
         if key in self.seen:
             raise ConfigError(f"{key}= given twice: give it once")
         self.seen.add(key)
-        if key in ("socket", "image", "stats"):
+        if key == "pci":
+            m = _PCI_ADDRESS.match(value.lower())
+            if not m:
+                raise ConfigError(f"pci={value!r} is not a PCI address: give domain:bus:slot."
+                                  "function as lspci -D prints it, e.g. pci=0000:00:04.0")
+            self.pci = f"{m.group(1) or '0000'}:{m.group(2)}:{m.group(3)}.{m.group(4)}"
+        elif key in ("socket", "image", "vdpa", "stats"):
             if not value:
                 raise ConfigError(f"{key}= needs a path")
             if "\0" in value:
@@ -114,16 +129,37 @@ class PluginConfig:
 
     def complete(self) -> None:
         """Check the whole configuration.  Raises ConfigError with the fix."""
-        if self.socket and self.image:
-            raise ConfigError("socket= and image= were both given: give exactly one "
-                              "(socket= for a running back-end, image= to start one)")
-        if not self.socket and not self.image:
-            raise ConfigError("no device: give socket=PATH (a running vhost-user-blk back-end) "
-                              "or image=PATH (a disk image to serve)")
-        if self.socket:
+        given = [key for key in DEVICE_KEYS if getattr(self, key)]
+        if len(given) > 1:
+            named = " and ".join(f"{key}=" for key in given)
+            raise ConfigError(f"{named} were {'both' if len(given) == 2 else 'all'} given: "
+                              "give exactly one "
+                              "(socket= for a running vhost-user back-end, image= to start "
+                              "one, vdpa= for a vhost-vdpa device, pci= for a vfio-pci "
+                              "function)")
+        if not given:
+            raise ConfigError("no device: give socket=PATH (a running vhost-user-blk back-end), "
+                              "image=PATH (a disk image to serve), vdpa=/dev/vhost-vdpa-N or "
+                              "pci=DOMAIN:BUS:SLOT.FN (a virtio-blk function bound to vfio-pci)")
+        if not self.image:
             for key in ("format", "aio"):
                 if key in self.seen:
-                    raise ConfigError(f"{key}= only applies with image=, not socket=")
+                    raise ConfigError(f"{key}= only applies with image=, not {given[0]}=")
+        if self.vdpa:
+            try:
+                st = os.stat(self.vdpa)
+            except FileNotFoundError:
+                raise ConfigError(f"vdpa={self.vdpa} does not exist: list the vDPA devices "
+                                  "with `vdpa dev show` and `ls /dev/vhost-vdpa-*` (the "
+                                  "vhost_vdpa module must be loaded)") from None
+            except OSError as e:
+                raise ConfigError(f"vdpa={self.vdpa}: {e.strerror}") from None
+            if not stat.S_ISCHR(st.st_mode):
+                raise ConfigError(f"vdpa={self.vdpa} is not a character device: give "
+                                  "/dev/vhost-vdpa-N")
+        if self.pci and not os.path.isdir(f"/sys/bus/pci/devices/{self.pci}"):
+            raise ConfigError(f"pci={self.pci}: no such PCI device: list them with lspci -D")
+        if self.socket:
             try:
                 st = os.stat(self.socket)
             except FileNotFoundError:
@@ -161,26 +197,51 @@ class DeviceOffer(Protocol):
     def max_queues(self) -> int: ...
 
 
+def _device_key(cfg: PluginConfig) -> str:
+    for key in DEVICE_KEYS:
+        if getattr(cfg, key):
+            return f"{key}={getattr(cfg, key)}"
+    return "no device"
+
+
 def check_device(cfg: PluginConfig, info: DeviceOffer) -> None:
-    """Check the configuration against what the device at socket= offers.  Raises
-    ConfigError with the fix."""
+    """Check the configuration against what the device offers.  Raises ConfigError with the
+    fix."""
     if cfg.num_queues is not None and cfg.num_queues > info.max_queues:
+        hint = (f" (qemu-storage-daemon: num-queues={cfg.num_queues} on its export)"
+                if cfg.socket else "")
         raise ConfigError(f"num-queues={cfg.num_queues} is more than the {info.max_queues} "
-                          f"the device at socket={cfg.socket} offers: use num-queues="
-                          f"{info.max_queues} or fewer, or give the back-end more queues "
-                          f"(qemu-storage-daemon: num-queues={cfg.num_queues} on its export)")
+                          f"the device at {_device_key(cfg)} offers: use num-queues="
+                          f"{info.max_queues} or fewer, or give the device more queues{hint}")
+
+
+def connector(cfg: PluginConfig, socket_path: str | None = None,
+              timeout: float = 5.0) -> Connector:
+    """The driver's Connector for the configured device (``socket_path``: the private
+    daemon's socket in image= mode)."""
+    if cfg.vdpa:
+        from vblk_core.vhost_vdpa import VhostVdpaConnector
+        return VhostVdpaConnector(cfg.vdpa)
+    if cfg.pci:
+        from vblk_core.vfio_pci import VfioPciConnector
+        return VfioPciConnector(cfg.pci, timeout=timeout)
+    from vblk_core import VhostUserConnector
+    path = socket_path or cfg.socket
+    assert path is not None, "config.complete() ensures a device"
+    return VhostUserConnector(path, timeout=timeout)
 
 
 def probe_device(cfg: PluginConfig, timeout: float = 5.0) -> None:
-    """With socket=: connect to the back-end once, read what the device offers, disconnect,
-    and check the configuration against it, all before nbdkit listens.  (A vhost-user
-    back-end takes the next front-end after a disconnect, so the plugin's real session can
-    follow.)  Raises ConfigError naming socket= or the key at fault."""
-    if not cfg.socket:
-        return
-    from vblk_core import VhostUserConnector, probe
+    """With socket=, vdpa= or pci=: open a session once, read what the device offers, close
+    it, and check the configuration against it, all before nbdkit listens.  (A vhost-user
+    back-end takes the next front-end after a disconnect, a vDPA or PCI device is reset by
+    the next open, so the plugin's real session can follow.)  Raises ConfigError naming the
+    device key or the key at fault."""
+    if cfg.image:
+        return  # the private daemon starts after nbdkit forks
+    from vblk_core import probe
     try:
-        info = probe(VhostUserConnector(cfg.socket, timeout=timeout))
+        info = probe(connector(cfg, timeout=timeout))
     except VblkError as e:
-        raise ConfigError(f"socket={cfg.socket}: {e}") from None
+        raise ConfigError(f"{_device_key(cfg)}: {e}") from None
     check_device(cfg, info)
