@@ -133,6 +133,9 @@ class FakeQueue:
     kick_fd: int | None = None                           # while the device runs
 
 
+# virtio_blk_config: offset -> width of the field there (u64 as two u32 halves)
+BLK_FIELDS = {0: 4, 4: 4, 8: 4, 12: 4, 16: 2, 18: 1, 19: 1, 20: 4, 24: 1, 25: 1, 26: 2, 28: 4,
+              32: 1, 33: 1, 34: 2, 36: 4, 40: 4, 44: 4, 48: 4, 52: 4, 56: 1}
 # common config: offset -> (width, name)
 COMMON = {0x00: (4, "dfselect"), 0x04: (4, "df"), 0x08: (4, "gfselect"), 0x0C: (4, "gf"),
           0x10: (2, "msix_config"), 0x12: (2, "num_queues"), 0x14: (1, "status"),
@@ -232,6 +235,8 @@ class FakeBlkFunction:
 
     def _read(self, cap: VCap, off: int, width: int) -> int:
         if cap.cfg_type == 4:
+            if BLK_FIELDS.get(off, 1) != width:
+                self.errors.append(f"device config: {width}-byte read at {off:#x}")
             if self.generation_flips:
                 self.generation_flips -= 1
                 self.generation = (self.generation + 1) & 0xFF

@@ -676,6 +676,7 @@ LAYOUTS = {
 def test_data_reaches_the_device_byte_for_byte(env, layout):
     fake, fn = env.fake(**LAYOUTS[layout])
     dev = env.open(fake, num_queues=2)
+    assert [len(m) for m in fake.mmaps] == ([0x2000] if fn.mmappable else [])  # BAR2, once
     assert (dev.num_queues, dev.capacity, dev.read_only) == (2, DISK, False)
     data = random.Random(5).randbytes(300 << 10)
     dev.pwrite(data, 8192, fua=True)
@@ -696,6 +697,12 @@ def test_data_reaches_the_device_byte_for_byte(env, layout):
         True, True], queues
     dev.close()
     assert fake.maps == {} and fake.irqs == {} and fake.fds == {} and fn.status == 0
+
+
+def test_access_reports_how_each_structure_is_reached(env):
+    fake, _ = env.fake(caps=split_caps(), mmappable={2})
+    assert env.connect(fake).access == {"common config": "pread/pwrite",
+                                        "notify area": "mmap", "device config": "mmap"}
 
 
 def test_sparse_mmap_areas_are_honoured(env):

@@ -43,6 +43,7 @@ from .vfio import (
 )
 from .virtio import DeviceStatus, VirtioFeature
 from .virtio_pci import (
+    BLK_CONFIG_WIDTHS,
     PCI_COMMAND,
     PCI_COMMAND_MASTER,
     PCI_COMMAND_MEMORY,
@@ -101,6 +102,7 @@ class VfioPciTransport(Transport):
         self._dev = VfioDevice(self.address, self.ops, self.target)
         self._buffers: list[Buffer] = []
         self._views: list[memoryview] = []
+        self._mapped: dict[tuple[int, int], memoryview] = {}   # (BAR, area offset) -> view
         self._windows: dict[str, Window] = {}
         self._kickers: list[MmioKicker | FileKicker] = []
         self._dma: list[tuple[int, int, int]] = []     # user address, size, iova
@@ -153,6 +155,9 @@ class VfioPciTransport(Transport):
         for name, cap in (("common config", layout.common), ("notify area", layout.notify),
                           ("device config", layout.device)):
             self._windows[name] = self._window(name, cap)
+        #: How each structure is reached, "mmap" or "pread/pwrite" (for diagnostics).
+        self.access = {name: "mmap" if isinstance(w, MappedWindow) else "pread/pwrite"
+                       for name, w in self._windows.items()}
         self.common = common = CommonCfg(self._windows["common config"])
         self._reset(self.timeout)
         common.status = DeviceStatus.ACKNOWLEDGE
@@ -173,15 +178,18 @@ class VfioPciTransport(Transport):
         if sys.byteorder == "little":   # memoryview casts are native-endian; virtio is LE
             for area_off, area_size in region.mmap_areas:
                 if area_off <= cap.offset and cap.offset + cap.length <= area_off + area_size:
-                    try:
-                        buf = self.ops.mmap(self._dev.fd, area_size, region.offset + area_off)
-                    except (OSError, ValueError) as e:
-                        log.debug("vblk: %s: mmap of BAR %d failed (%s): using pread/pwrite",
-                                  self.target, cap.bar, e)
-                        break
-                    self._buffers.append(buf)
-                    base = memoryview(buf)
-                    self._views.append(base)
+                    base = self._mapped.get((cap.bar, area_off))
+                    if base is None:
+                        try:
+                            buf = self.ops.mmap(self._dev.fd, area_size,
+                                                region.offset + area_off)
+                        except (OSError, ValueError) as e:   # ValueError: Python's own checks
+                            log.debug("vblk: %s: cannot mmap BAR %d (%s): using pread/pwrite",
+                                      self.target, cap.bar, e)
+                            break
+                        self._buffers.append(buf)
+                        base = self._mapped[(cap.bar, area_off)] = memoryview(buf)
+                        self._views.append(base)
                     start = cap.offset - area_off
                     view = base[start:start + cap.length]
                     self._views.append(view)
@@ -263,7 +271,7 @@ class VfioPciTransport(Transport):
             window = self._windows["device config"]
             for _ in range(CONFIG_READ_ATTEMPTS):
                 before = self.common.generation
-                data = window.read_bytes(size)
+                data = window.read_bytes(size, BLK_CONFIG_WIDTHS)
                 if self.common.generation == before:
                     return data
             raise DeviceError(f"{self.target}: the device config kept changing "
@@ -425,6 +433,7 @@ class VfioPciTransport(Transport):
             for buf in self._buffers:
                 self._quietly(functools.partial(self.ops.munmap, buf))
             self._views.clear()
+            self._mapped.clear()
             self._buffers.clear()
             self._dev.close()
             if self._epoll is not None:

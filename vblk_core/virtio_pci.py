@@ -38,6 +38,11 @@ MSIX_CAP_SIZE = 12
 VIRTIO_CAP = struct.Struct("<BBBBBBxxII")   # vndr, next, len, cfg_type, bar, id, offset, length
 VIRTIO_MSI_NO_VECTOR = 0xFFFF
 NUM_BARS = 6
+#: Access widths of struct virtio_blk_config's fields (5.2.4) from offset 0: the driver reads
+#: each field with its own width, 64-bit ones as two 32-bit halves (4.1.3.1).  Capacity,
+#: size_max, seg_max, geometry, blk_size, topology, writeback, num_queues, discard and
+#: write-zeroes limits, write_zeroes_may_unmap, padding: 60 bytes.
+BLK_CONFIG_WIDTHS = (4, 4, 4, 4, 2, 1, 1, 4, 1, 1, 2, 4, 1, 1, 2, 4, 4, 4, 4, 4, 1, 1, 1, 1)
 
 
 class CfgType(enum.IntEnum):
@@ -184,12 +189,18 @@ class Window:
     def release(self) -> None:
         """Drop any view on a mapping (idempotent)."""
 
-    def read_bytes(self, size: int) -> bytes:
-        """The first ``size`` bytes (at most ``length``): 32-bit reads, then 8-bit ones."""
+    def read_bytes(self, size: int, widths: tuple[int, ...]) -> bytes:
+        """The first ``size`` bytes (at most ``length``), each field read with its own width
+        (``widths``, in order from offset 0); bytes past them one at a time."""
         size = min(size, self.length)
-        words = size // 4
-        out = struct.pack(f"<{words}I", *(self.read(4 * i, 4) for i in range(words)))
-        return out + bytes(self.read(i, 1) for i in range(4 * words, size))
+        out = bytearray()
+        for width in widths:
+            if len(out) + width > size:
+                break
+            out += self.read(len(out), width).to_bytes(width, "little")
+        while len(out) < size:
+            out.append(self.read(len(out), 1))
+        return bytes(out)
 
 
 class MappedWindow(Window):
