@@ -5,8 +5,9 @@ process (benchmarks/rt_device.c) through shared memory and two eventfds.
 
 No virtio and no qemu: what is left is what any out-of-process design pays per request in a
 Python plugin (fill a slot, kick, sleep until the device's call, copy).  vblk is measured
-against it (scripts/bench server `rt`).  Keys: file=IMAGE (required), device=BINARY (required,
-scripts/bench compiles it), readonly=true|false.
+against it (scripts/bench servers `rt`, `rt-pinned`).  Keys: file=IMAGE (required),
+device=BINARY (required, scripts/bench compiles it), device-cpus=0,1 (pin the device),
+readonly=true|false.
 """
 
 import mmap
@@ -28,6 +29,7 @@ SHM_SIZE = SLOTS_BYTES + NSLOTS * BUF_SIZE
 _path = None
 _binary = None
 _readonly = False
+_device_cpus = None
 _size = 0
 _proc = None
 _shm = None
@@ -38,15 +40,17 @@ _free = []
 
 
 def config(key, value):
-    global _path, _binary, _readonly
+    global _path, _binary, _readonly, _device_cpus
     if key == "file":
         _path = os.path.abspath(value)
     elif key == "device":
         _binary = os.path.abspath(value)
+    elif key == "device-cpus":
+        _device_cpus = {int(c) for c in value.split(",")}
     elif key == "readonly":
         _readonly = value.lower() in ("1", "true", "yes", "on")
     else:
-        raise ValueError(f"unknown key {key!r} (known: file, device, readonly)")
+        raise ValueError(f"unknown key {key!r} (known: file, device, device-cpus, readonly)")
 
 
 def config_complete():
@@ -71,9 +75,15 @@ def after_fork():
     _calls = [os.eventfd(0) for _ in range(NSLOTS)]
     _free = list(range(NSLOTS))
     fds = [shm_fd, img_fd, _kick] + _calls
-    _proc = subprocess.Popen([_binary] + [str(fd) for fd in fds], pass_fds=fds)
+    _proc = subprocess.Popen([_binary] + [str(fd) for fd in fds], pass_fds=fds,
+                             preexec_fn=_place_device)
     os.close(shm_fd)
     os.close(img_fd)
+
+
+def _place_device():
+    if _device_cpus:
+        os.sched_setaffinity(0, _device_cpus)
 
 
 def cleanup():

@@ -113,3 +113,27 @@ def alive(p):
 
 def eprint(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+def parse_cpus(text):
+    """'0', '1-3', '0,2' -> a set of CPU numbers."""
+    cpus = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin(pid, cpus):
+    """Pin every thread of ``pid`` and of its descendants to ``cpus`` (a set).  Threads created
+    later inherit the affinity of the thread that creates them."""
+    for p in tree_pids(pid):
+        try:
+            tids = os.listdir("/proc/%d/task" % p)
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 
 from vblk_tools import ROOT, harness
 
+from . import procs
+
 FLOOR_PLUGIN = os.path.join(ROOT, "benchmarks", "floor_plugin.py")
+RT_PLUGIN = os.path.join(ROOT, "benchmarks", "rt_plugin.py")
+RT_DEVICE_C = os.path.join(ROOT, "benchmarks", "rt_device.c")
+RT_DEVICE = os.path.join(ROOT, "benchmarks", "runs", "rt_device")
 DEFAULT_VBLK_PLUGIN = os.path.join(ROOT, "plugin", "plugin.py")
 
 
@@ -38,6 +43,8 @@ class ServerSpec:
     floor_model: str | None = None        # serialized | parallel
     env: dict = field(default_factory=dict)           # extra environment for nbdkit
     stats: bool = False            # pass stats=PATH to the vblk plugin and collect it
+    cpus: dict = field(default_factory=dict)   # role (nbdkit, qsd, device) -> CPU list "0-1"
+    fio_cpus: str | None = None    # fio --cpus_allowed
 
     def to_json(self):
         return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
@@ -90,7 +97,33 @@ def _start(run, role, server, timeout):
         server.start(timeout)
     except harness.HarnessError as e:
         raise StartError(str(e)) from None
+    cpus = run.spec.cpus.get(role)
+    if cpus:
+        procs.pin(server.pid, procs.parse_cpus(cpus))
     return server
+
+
+def rt_device():
+    """benchmarks/rt_device.c compiled with the system cc (once per source change)."""
+    if (os.path.exists(RT_DEVICE)
+            and os.path.getmtime(RT_DEVICE) >= os.path.getmtime(RT_DEVICE_C)):
+        return RT_DEVICE
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise StartError("rt needs a C compiler: apt-get install gcc")
+    os.makedirs(os.path.dirname(RT_DEVICE), exist_ok=True)
+    r = subprocess.run([cc, "-O2", "-Wall", "-o", RT_DEVICE + ".tmp", RT_DEVICE_C],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise StartError("compiling %s failed: %s" % (RT_DEVICE_C, r.stderr.strip()))
+    os.replace(RT_DEVICE + ".tmp", RT_DEVICE)
+    return RT_DEVICE
+
+
+def has_blkio_plugin():
+    """Whether this nbdkit has the blkio plugin (nbdkit >= 1.34 built with libblkio)."""
+    r = subprocess.run(["nbdkit", "blkio", "--dump-plugin"], capture_output=True, text=True)
+    return r.returncode == 0
 
 
 def _start_qsd(run, image, sockdir, tag, log, timeout, aio=None, vhost_queues=None):
@@ -159,6 +192,19 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
                 run.stats_path = os.path.join(logdir, tag + ".stats")
                 keys.append("stats=" + run.stats_path)
             nbdkit(spec.plugin, keys)
+        elif spec.kind == "rt":
+            device = rt_device()
+            keys = ["file=" + image, "device=" + device]
+            if spec.cpus.get("device"):
+                keys.append("device-cpus=" + spec.cpus["device"])
+            nbdkit(RT_PLUGIN, keys)
+        elif spec.kind == "blkio":
+            if not has_blkio_plugin():
+                raise StartError("this nbdkit has no blkio plugin (nbdkit >= 1.34 with "
+                                 "libblkio; Debian 13's nbdkit has it)")
+            vsock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout, aio=spec.aio,
+                               vhost_queues=spec.queues or 1)
+            nbdkit("blkio", ["virtio-blk-vhost-user", "path=" + vsock])
         elif spec.kind == "floor":
             nbdkit(spec.plugin or FLOOR_PLUGIN,
                    ["file=" + image, "threads=" + spec.floor_model] + list(spec.plugin_args))
@@ -233,6 +279,15 @@ def catalogue(opts):
                 extra.append("%s=%s" % (k, val))
         vblk("vblk-" + name, aio, "vblk variant %s (%s)" % (name, body or "defaults"),
              threads=threads, queues=queues, extra=extra)
+    # The round-trip ceiling (benchmarks/rt_plugin.py + rt_device.c), -t 4 as measured, and
+    # pinned: nbdkit on CPU 0, the device and fio on CPU 1.
+    specs.append(ServerSpec("rt", "rt", "round-trip ceiling: Python plugin + C device over "
+                            "shared memory and eventfds, nbdkit -t 4", nbdkit_threads=4))
+    specs.append(ServerSpec("rt-pinned", "rt", "round-trip ceiling, nbdkit on CPU 0, device "
+                            "and fio on CPU 1", nbdkit_threads=4,
+                            cpus={"nbdkit": "0", "device": "1"}, fio_cpus="1"))
+    specs.append(ServerSpec("blkio", "blkio", "nbdkit's blkio plugin (C, libblkio) over the "
+                            "same qemu-storage-daemon vhost-user-blk export", aio=None))
     specs.append(ServerSpec("floor-serialized", "floor",
                             "benchmarks/floor_plugin.py, os.preadv/os.pwrite, "
                             "THREAD_MODEL_SERIALIZE_ALL_REQUESTS",

@@ -60,8 +60,10 @@ def select(text):
     return out
 
 
-def fio_argv(w, uri, runtime, ramp, out_json):
-    return ["fio", "--name=" + w.name, "--ioengine=nbd", "--uri=" + uri] + w.fio_args() + [
+def fio_argv(w, uri, runtime, ramp, out_json, cpus=None):
+    pin = ["--cpus_allowed=" + cpus] if cpus else []
+    return ["fio"] + pin + ["--name=" + w.name, "--ioengine=nbd",
+                            "--uri=" + uri] + w.fio_args() + [
         "--time_based", "--runtime=%dms" % round(runtime * 1000),
         "--ramp_time=%dms" % round(ramp * 1000),
         "--norandommap", "--randrepeat=0", "--group_reporting",
@@ -112,7 +114,7 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     Peak RSS: psutil RSS sampled every sample_interval, and VmHWM read at the end.
     """
     pids = run.pids()
-    argv = fio_argv(w, run.uri, runtime, ramp, fio_json)
+    argv = fio_argv(w, run.uri, runtime, ramp, fio_json, run.spec.fio_cpus)
     first = {r: procs.cpu_ticks(pid) for r, pid in pids.items()}
     t0 = time.monotonic()
     fio = harness.spawn(argv, fio_log)
