@@ -36,6 +36,7 @@ for _path in (_HERE, os.path.dirname(_HERE)):
 from vblk_core import BlockDevice, VblkError  # noqa: E402
 from vblk_plugin.config import DEVICE_KEYS, PluginConfig, connector, probe_device  # noqa: E402
 from vblk_plugin.daemon import ManagedDaemon  # noqa: E402
+from vblk_plugin.placement import pin_process  # noqa: E402
 from vblk_plugin.stats import StatsWriter  # noqa: E402
 
 API_VERSION = 2
@@ -110,8 +111,12 @@ def after_fork():
     global device, daemon, stats
     try:
         socket_path = None
+        if cfg.placement.nbdkit is not None:
+            # Every thread nbdkit has now; the ones it starts later inherit the affinity.
+            pin_process(os.getpid(), cfg.placement.nbdkit)
         if cfg.image:
-            daemon = ManagedDaemon(cfg.image, cfg.format, cfg.num_queues or 4, cfg.aio)
+            daemon = ManagedDaemon(cfg.image, cfg.format, cfg.num_queues or 4, cfg.aio,
+                                   cpus=cfg.placement.daemon)
             daemon.start()
             socket_path = daemon.socket
         device = BlockDevice.open(connector(cfg, socket_path),
@@ -126,7 +131,8 @@ def after_fork():
     if daemon is not None and cfg.reconnect_timeout > 0:
         daemon.supervise(on_event=_warn)
     nbdkit.debug(f"vblk: {device.num_queues} of {device.device_queues} queues, "
-                 f"queue size {device.queue_size}, capacity {device.capacity}")
+                 f"queue size {device.queue_size}, capacity {device.capacity}; placement: "
+                 f"{cfg.placement.describe()}")
     if cfg.stats:
         stats = StatsWriter(cfg.stats, device.stats, _warn)
         stats.start()

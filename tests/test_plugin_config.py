@@ -61,7 +61,8 @@ def test_defaults():
 def test_keys_documented():
     assert set(KEYS) == {"socket", "image", "vdpa", "pci", "format", "aio", "num-queues",
                          "queue-size",
-                         "bounce-buffers", "stats", "reconnect-timeout", "request-timeout"}
+                         "bounce-buffers", "stats", "reconnect-timeout", "request-timeout",
+                         "placement"}
     assert all(KEYS[k].strip() for k in KEYS)
 
 

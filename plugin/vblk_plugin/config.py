@@ -14,6 +14,7 @@ from vblk_core.errors import ConfigError, VblkError
 from vblk_core.transport import Connector
 from vblk_core.virtio_blk import queue_size_problem
 
+from . import placement as placement_mod
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
@@ -36,6 +37,8 @@ KEYS = {
                          "(default 30; 0 = fail at once)",
     "request-timeout": "SECONDS a request may take before the device counts as hung "
                        "(default 30)",
+    "placement": "CPUs of nbdkit's threads and the private daemon: split, none or "
+                 "NBDKIT_CPUS/DAEMON_CPUS (default split)",
 }
 
 
@@ -80,6 +83,8 @@ class PluginConfig:
     stats: str | None = None
     reconnect_timeout: float = 30.0
     request_timeout: float = 30.0
+    placement: placement_mod.Placement = field(
+        default_factory=lambda: placement_mod.resolve(placement_mod.DEFAULT))
     seen: set[str] = field(default_factory=set)
 
     def set(self, key: str, value: str) -> None:
@@ -126,6 +131,8 @@ class PluginConfig:
             self.reconnect_timeout = _parse_seconds(key, value, True)
         elif key == "request-timeout":
             self.request_timeout = _parse_seconds(key, value, False)
+        elif key == "placement":
+            self.placement = placement_mod.resolve(value)
 
     def complete(self) -> None:
         """Check the whole configuration.  Raises ConfigError with the fix."""

@@ -25,19 +25,27 @@ from .qsd import QSD, accepts_connection, missing_daemon_hint, qsd_argv
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel for SIGTERM when nbdkit dies.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    os.setpgid(0, 0)  # a ^C in nbdkit's terminal reaches nbdkit, which then stops us in order
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child between fork and exec: ask the kernel for SIGTERM when nbdkit
+        # dies; our own process group, so a ^C in nbdkit's terminal reaches nbdkit, which
+        # then stops us in order; and the CPUs of placement= (every daemon thread inherits).
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        os.setpgid(0, 0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 class ManagedDaemon:
     """qemu-storage-daemon serving ``image`` as a vhost-user-blk export on a private socket."""
 
     def __init__(self, image: str, fmt: str = "raw", num_queues: int = 4, aio: str = "threads",
-                 read_only: bool = False, start_timeout: float = 15.0) -> None:
+                 read_only: bool = False, start_timeout: float = 15.0,
+                 cpus: frozenset[int] | None = None) -> None:
         self.image = image
+        self.cpus = cpus
         self.fmt = fmt
         self.num_queues = num_queues
         self.aio = aio
@@ -66,7 +74,7 @@ class ManagedDaemon:
         with open(self.log_path, "wb") as log:
             proc = self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent, close_fds=True)
+                preexec_fn=_child_setup(self.cpus), close_fds=True)
         deadline = time.monotonic() + self.start_timeout
         while not accepts_connection(self.socket):
             if proc.poll() is not None:
