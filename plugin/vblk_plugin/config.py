@@ -15,6 +15,7 @@ from vblk_core.transport import Connector
 from vblk_core.virtio_blk import queue_size_problem
 
 from . import placement as placement_mod
+from .admission import DEFAULT_CALLERS
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
@@ -37,6 +38,8 @@ KEYS = {
                          "(default 30; 0 = fail at once)",
     "request-timeout": "SECONDS a request may take before the device counts as hung "
                        "(default 30)",
+    "callers": "at most N nbdkit threads inside the device at once, the rest wait without "
+               "contending for the GIL (default 4; 0 = no limit)",
     "placement": "CPUs of nbdkit's threads and the private daemon: split, none or "
                  "NBDKIT_CPUS/DAEMON_CPUS (default split)",
 }
@@ -83,6 +86,7 @@ class PluginConfig:
     stats: str | None = None
     reconnect_timeout: float = 30.0
     request_timeout: float = 30.0
+    callers: int = DEFAULT_CALLERS
     placement: placement_mod.Placement = field(
         default_factory=lambda: placement_mod.resolve(placement_mod.DEFAULT))
     seen: set[str] = field(default_factory=set)
@@ -131,6 +135,8 @@ class PluginConfig:
             self.reconnect_timeout = _parse_seconds(key, value, True)
         elif key == "request-timeout":
             self.request_timeout = _parse_seconds(key, value, False)
+        elif key == "callers":
+            self.callers = _parse_int(key, value, 0, 1024)
         elif key == "placement":
             self.placement = placement_mod.resolve(value)
 
