@@ -50,7 +50,7 @@ class BlockDevice:
     def __init__(self, connector: Connector, *, num_queues: int | None = None,
                  queue_size: int = 256, bounce_buffer_size: int = 1 << 20,
                  bounce_buffers: int = 64, request_timeout: float = 30.0,
-                 reconnect_timeout: float = 0.0) -> None:
+                 reconnect_timeout: float = 0.0, spin_seconds: float = 0.0) -> None:
         problem = queue_size_problem(queue_size)
         if problem:
             raise ConfigError(f"queue size {queue_size} is invalid: {problem}")
@@ -68,6 +68,7 @@ class BlockDevice:
         self.bounce_buffers = bounce_buffers
         self.request_timeout = request_timeout
         self.reconnect_timeout = reconnect_timeout
+        self.spin_seconds = spin_seconds
         # What the device is: filled in by connect().
         self.info: DeviceInfo | None = None
         self.features = 0
@@ -146,7 +147,8 @@ class BlockDevice:
         event_idx = bool(info.features & VirtioFeature.EVENT_IDX)
         self._rings = [Virtqueue(region.view, i * layout.end_offset, layout, region.base_addr,
                                  8, event_idx) for i in range(num_queues)]
-        self._queues = [QueueRunner(i, ring, config.size_max, self._dispatch.queue_broken)
+        self._queues = [QueueRunner(i, ring, config.size_max, self._dispatch.queue_broken,
+                                    self.spin_seconds)
                         for i, ring in enumerate(self._rings)]
         self._dispatch.queues = self._queues
 
