@@ -120,6 +120,48 @@ def describe_difference(got: bytes | bytearray, want: bytes | bytearray) -> str 
             f" want {bytes(want[off:off + 16])!r}")
 
 
+def verify_image(path: str, seed: str, fast_zero_done: bool) -> str | None:
+    """Host side: the file at path against expected_image; None if equal, else what differs."""
+    with open(path, "rb") as f:
+        got = f.read()
+    return describe_difference(got, expected_image(seed, fast_zero_done))
+
+
+def hole_report(path: str) -> dict[str, bool]:
+    """Host side: for each trimmed/zeroed range of the image, whether the file has no data
+    there (a hole: the trim or zero reached the host file as a deallocation)."""
+    base = REGIONS["zero_trim"][0]
+    out = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for kind, off, length in HOLES:
+            try:
+                data = os.lseek(fd, base + off, os.SEEK_DATA)
+            except OSError:
+                data = IMAGE_SIZE
+            out[kind] = data >= base + off + length
+    finally:
+        os.close(fd)
+    return out
+
+
+def filesystem_makes_holes(directory: str) -> bool:
+    """Host side: whether files in directory can have holes punched (then seen by SEEK_DATA)."""
+    import ctypes
+    import tempfile
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    with tempfile.NamedTemporaryFile(dir=directory) as f:
+        f.write(b"x" * (2 * MiB))
+        f.flush()
+        if libc.fallocate(f.fileno(), 0x01 | 0x02, 0, 1 * MiB) != 0:   # KEEP_SIZE|PUNCH_HOLE
+            return False
+        try:
+            return os.lseek(f.fileno(), 0, os.SEEK_DATA) >= 1 * MiB
+        except OSError:
+            return False
+
+
 # --------------------------------------------------------------------------- guest helpers
 
 T0 = time.monotonic()
@@ -569,7 +611,8 @@ def scenario_vfio(plan: dict[str, Any], procs: Procs, share: str, res: dict[str,
     t = time.monotonic()
     res["vfio_group"] = bind_vfio(addr)
     res["t_bind"] = round(time.monotonic() - t, 2)
-    nbdkit_run(procs, [f"pci={addr}"], queues, plan["seed"], share, res)
+    if plan.get("nbd", True):
+        nbdkit_run(procs, [f"pci={addr}"], queues, plan["seed"], share, res)
     if plan.get("bench_seconds"):
         engines = [("vfio-pci", open_vfio(addr, queues))]
         qsd = None
@@ -586,7 +629,13 @@ def scenario_vfio(plan: dict[str, Any], procs: Procs, share: str, res: dict[str,
                 qsd.stop()
 
 
-SCENARIOS = {"vdpa": scenario_vdpa, "vfio": scenario_vfio}
+def scenario_script(plan: dict[str, Any], procs: Procs, share: str, res: dict[str, Any]) -> None:
+    """For investigations by hand: run(plan, procs, share, res) from the file plan["script"]."""
+    import runpy
+    runpy.run_path(plan["script"])["run"](plan, procs, share, res)
+
+
+SCENARIOS = {"vdpa": scenario_vdpa, "vfio": scenario_vfio, "script": scenario_script}
 
 
 def main() -> int:

@@ -531,6 +531,66 @@ def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
                     seconds=seconds, boot_seconds=boot)
 
 
+# ----------------------------------------------------------------------------- scenarios
+
+def qsd_package() -> str:
+    return "qemu-system-common" if os_release().get("VERSION_ID") == "12" else "qemu-utils"
+
+
+def missing_guest_tools() -> list[str]:
+    """What the guest runs from the host's root (through the 9p share) and is not there, with
+    the package to install."""
+    needs = {"/usr/bin/python3": "python3", "nbdkit": "nbdkit", "nbdcopy": "libnbd-bin",
+             "qemu-storage-daemon": qsd_package(), "vdpa": "iproute2",
+             "/usr/lib/python3/dist-packages/nbd.py": "python3-libnbd"}
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    missing = [f"{what} (package {pkg})" for what, pkg in needs.items()
+               if not (os.path.exists(what) if what.startswith("/")
+                       else shutil.which(what, path=path))]
+    if not glob.glob("/usr/lib/*/nbdkit/plugins/nbdkit-python-plugin.so"):
+        missing.append("nbdkit's python plugin (package nbdkit-plugin-python)")
+    return missing + missing_host_parts()
+
+
+@dataclasses.dataclass
+class ScenarioRun:
+    run: GuestRun
+    results: dict         # the guest's results.json ({} if it wrote none)
+    share: str            # the writable share: plan.json, results.json, bench.md, out.img, logs/
+
+    def explain(self) -> str:
+        logs = []
+        for path in sorted(glob.glob(os.path.join(self.share, "logs", "*.log"))):
+            with open(path, errors="replace") as f:
+                tail = "\n".join(f.read().splitlines()[-20:])
+            logs.append(f"--- guest {os.path.basename(path)} ---\n{tail}")
+        err = self.results.get("error")
+        return "\n".join([self.run.explain(), *logs, f"guest error: {err}" if err else ""])
+
+
+def run_scenario(workdir: str, plan: dict, *, disks: Sequence[Disk], modules: list[str],
+                 iommu: bool = False, timeout: float = 180.0, smp: int = 1,
+                 progress: Callable[[str], None] | None = None) -> ScenarioRun:
+    """Write the plan (and the file nbdcopy copies in) to a fresh share under workdir, boot the
+    guest on transport_checks.py, return what it reported."""
+    import transport_checks
+    share = os.path.join(workdir, "share")
+    os.makedirs(share, exist_ok=True)
+    with open(os.path.join(share, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    with open(os.path.join(share, "src.bin"), "wb") as f:
+        f.write(transport_checks.source_file_data(plan["seed"]))
+    meta = ensure_guest()
+    run = run_guest(meta, share, modules=modules, run=CHECKS_SCRIPT, disks=disks, iommu=iommu,
+                    timeout=timeout, smp=smp, progress=progress)
+    try:
+        with open(os.path.join(share, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        results = {}
+    return ScenarioRun(run, results, share)
+
+
 def main() -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
