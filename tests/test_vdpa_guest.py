@@ -35,6 +35,7 @@ def _load(name: str):
     if str(VM_DIR) not in sys.path:
         sys.path.insert(0, str(VM_DIR))   # transport_guest imports its siblings by name
     spec = importlib.util.spec_from_file_location(name, VM_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod   # dataclasses look their module up there
     spec.loader.exec_module(mod)

@@ -573,7 +573,7 @@ def run_scenario(workdir: str, plan: dict, *, disks: Sequence[Disk], modules: li
                  progress: Callable[[str], None] | None = None) -> ScenarioRun:
     """Write the plan (and the file nbdcopy copies in) to a fresh share under workdir, boot the
     guest on transport_checks.py, return what it reported."""
-    import transport_checks
+    import transport_checks  # type: ignore[import-not-found,unused-ignore]  # (a sibling)
     share = os.path.join(workdir, "share")
     os.makedirs(share, exist_ok=True)
     with open(os.path.join(share, "plan.json"), "w") as f:
