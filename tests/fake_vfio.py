@@ -455,6 +455,8 @@ class FakeVfio:
         self.maps: dict[int, tuple[int, int]] = {}        # iova -> (vaddr, size)
         self.irqs: dict[int, dict[int, int]] = {}         # index -> vector -> our dup of fd
         self.irq_count: dict[int, int] = {}
+        self.disabled: list[int] = []                    # SET_IRQS(DATA_NONE, count 0) seen
+        self.unmapped: list[tuple[int, int]] = []        # UNMAP_DMA seen (iova, size)
         self.opens = 0
         self.mmaps: list[mmap.mmap] = []
 
@@ -602,7 +604,7 @@ class FakeVfio:
         if kind != "device" or argsz != 20 + (4 * count if flags & 0x4 else 0):
             raise OSError(errno.EINVAL, "SET_IRQS argsz")
         if flags == 0x21 and count == 0:          # DATA_NONE | ACTION_TRIGGER: disable
-            self._disable(index)
+            self._disable(index, explicit=True)
             return 0
         if flags != 0x24:
             raise OSError(errno.EINVAL, "SET_IRQS flags")
@@ -624,7 +626,9 @@ class FakeVfio:
                 vectors[start + i] = os.dup(fd)    # the kernel holds the eventfd itself
         return 0
 
-    def _disable(self, index: int) -> None:
+    def _disable(self, index: int, explicit: bool = False) -> None:
+        if explicit:
+            self.disabled.append(index)
         for fd in self.irqs.pop(index, {}).values():
             os.close(fd)
         self.irq_count.pop(index, None)
@@ -648,6 +652,7 @@ class FakeVfio:
         if self.fn.running:
             self.fn.errors.append("memory unmapped while the device runs")
         del self.maps[iova]
+        self.unmapped.append((iova, size))
         return 0
 
     def mapping_of(self, iova: int, length: int) -> tuple[int, memoryview] | None:

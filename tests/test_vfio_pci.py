@@ -137,7 +137,8 @@ def test_qemu_layout_is_parsed():
 
 
 def test_the_first_usable_instance_of_a_structure_is_used():
-    caps = [VCap(1, 9, 0, 0x1000), *qemu_caps()]   # a COMMON naming a reserved BAR first
+    # a COMMON naming a reserved BAR, QEMU's, then another usable one in BAR 1
+    caps = [VCap(1, 9, 0, 0x1000), *qemu_caps(), VCap(1, 1, 0, 0x1000)]
     layout = parse_config_space(bytes(config_space(caps)), QEMU_BARS, "dev")
     assert (layout.common.bar, layout.common.position) == (4, 0x54)
 
@@ -175,8 +176,8 @@ def test_capability_list_pointer_itself_is_checked():
 def test_a_capability_naming_a_bar_beyond_5_cannot_be_used():
     caps = qemu_caps()
     caps[0] = VCap(1, 6, 0, 0x1000)
-    message = _parse_error(config_space(caps))
-    assert "COMMON" in message and "BAR 6" in message
+    message = _parse_error(config_space(caps), {**QEMU_BARS, 6: 0x1000})
+    assert "COMMON" in message and "names BAR 6" in message
 
 
 @pytest.mark.parametrize("index,cap_len", [(0, 12), (3, 16)])
@@ -695,8 +696,12 @@ def test_data_reaches_the_device_byte_for_byte(env, layout):
     queues = dev.stats()["queues"]
     assert [q["requests"] > 0 and q["kicks"] > 0 and q["calls"] > 0 for q in queues] == [
         True, True], queues
+    mapped = dict(fake.maps)
     dev.close()
     assert fake.maps == {} and fake.irqs == {} and fake.fds == {} and fn.status == 0
+    # explicitly, not only as a side effect of closing the fds
+    assert fake.unmapped == [(iova, size) for iova, (_, size) in mapped.items()]
+    assert fake.disabled == [MSIX, REQ]
 
 
 def test_access_reports_how_each_structure_is_reached(env):
