@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fake_ring_device import FakeRing, serve_queue
 
+MMap = mmap.mmap   # (FakeVfio.mmap shadows the module name in its class)
 ADDR = "0000:00:04.0"
 GROUP = "7"
 # _IO(';', 100 + n), from linux/vfio.h
@@ -353,7 +354,8 @@ class FakeBlkFunction:
                                    f"{q.vector} has no eventfd")
                 continue
             iova, mem = mapping
-            ring = FakeRing(mem, q.size, *(a - iova for a in lo_hi), iova)
+            desc, avail, used = (a - iova for a in lo_hi)
+            ring = FakeRing(mem, q.size, desc, avail, used, iova)
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             q.kick_fd = kick
             t = threading.Thread(target=serve_queue, args=(self, i, ring, os.dup(fd),
@@ -458,7 +460,7 @@ class FakeVfio:
         self.disabled: list[int] = []                    # SET_IRQS(DATA_NONE, count 0) seen
         self.unmapped: list[tuple[int, int]] = []        # UNMAP_DMA seen (iova, size)
         self.opens = 0
-        self.mmaps: list[mmap.mmap] = []
+        self.mmaps: list[MMap] = []
 
     # --- files ----------------------------------------------------------------------------
 
@@ -688,7 +690,7 @@ class FakeVfio:
         self.fn.bar_write(index, off, len(data), int.from_bytes(data, "little"))
         return len(data)
 
-    def mmap(self, fd: int, length: int, offset: int) -> mmap.mmap:
+    def mmap(self, fd: int, length: int, offset: int) -> MMap:
         index, off = self._region(fd, offset)
         areas = self.sparse.get(index, [(0, self.fn.bar_sizes.get(index, 0))])
         if index not in self.fn.memfds or not any(
@@ -698,8 +700,8 @@ class FakeVfio:
         self.mmaps.append(m)
         return m
 
-    def munmap(self, buf: mmap.mmap | bytearray) -> None:
-        assert isinstance(buf, mmap.mmap)
+    def munmap(self, buf: MMap | bytearray) -> None:
+        assert isinstance(buf, MMap)
         try:
             buf.close()
         except BufferError:
