@@ -354,10 +354,22 @@ def test_no_msix(env):
     assert "no usable MSI-X" in str(env.connect_error(fake))
 
 
-def test_memory_space_and_bus_master_are_set_then_bus_master_cleared(env):
+def test_memory_space_then_bus_master_after_the_reset_then_bus_master_cleared(env):
     fake, fn = env.fake()
-    struct.pack_into("<H", fn.cfg, 4, 0)
+    struct.pack_into("<H", fn.cfg, 4, 0x4)        # a previous owner left Bus Master on
+    seen = []
+    write = fake.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset == (7 << fake.OFFSET_SHIFT) + 4:              # config space: command
+            seen.append(("command", int.from_bytes(data, "little")))
+        elif offset == (4 << fake.OFFSET_SHIFT) + 0x14:         # BAR4 common: device_status
+            seen.append(("status", data[0]))
+        return write(fd, data, offset)
+
+    fake.pwrite = pwrite
     t = env.connect(fake)
+    assert seen[:3] == [("command", 0x2), ("status", 0), ("command", 0x6)]
     assert fn.command() & 0x6 == 0x6
     t.close()
     assert fn.command() & 0x4 == 0

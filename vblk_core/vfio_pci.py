@@ -143,15 +143,8 @@ class VfioPciTransport(Transport):
                                f"{layout.msix_vectors}, VFIO offers "
                                f"{dev.irq_counts[VFIO_PCI_MSIX_IRQ_INDEX]} vectors): this "
                                "driver needs MSI-X for completions", errno.ENOTSUP)
-        # Memory Space before touching the BARs, Bus Master before any DMA.
-        cmd = struct.unpack("<H", dev.read_config(PCI_COMMAND, 2))[0]
-        dev.write_config(PCI_COMMAND, struct.pack("<H", cmd | PCI_COMMAND_MEMORY
-                                                  | PCI_COMMAND_MASTER))
-        cmd = struct.unpack("<H", dev.read_config(PCI_COMMAND, 2))[0]
-        if cmd & (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER) != (PCI_COMMAND_MEMORY
-                                                              | PCI_COMMAND_MASTER):
-            raise ConnectError(f"{self.target}: Memory Space / Bus Master do not stay set in "
-                               f"the PCI command register (reads {cmd:#06x})")
+        # Memory Space before touching the BARs; Bus Master (DMA) once the device is reset.
+        self._command(PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER)
         for name, cap in (("common config", layout.common), ("notify area", layout.notify),
                           ("device config", layout.device)):
             self._windows[name] = self._window(name, cap)
@@ -160,6 +153,7 @@ class VfioPciTransport(Transport):
                        for name, w in self._windows.items()}
         self.common = common = CommonCfg(self._windows["common config"])
         self._reset(self.timeout)
+        self._command(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 0)
         common.status = DeviceStatus.ACKNOWLEDGE
         common.status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
         num_queues = common.num_queues
@@ -171,6 +165,16 @@ class VfioPciTransport(Transport):
         self._first_vector = 1 if self._config_vector else 0
         self._max_queues = min(num_queues, vectors - self._first_vector)
         self._open_loss_sources()
+
+    def _command(self, set_bits: int, clear_bits: int) -> None:
+        """Set and clear bits of the PCI command register; check the set ones stay set."""
+        read = self._dev.read_config
+        cmd = struct.unpack("<H", read(PCI_COMMAND, 2))[0]
+        self._dev.write_config(PCI_COMMAND, struct.pack("<H", (cmd | set_bits) & ~clear_bits))
+        cmd = struct.unpack("<H", read(PCI_COMMAND, 2))[0]
+        if cmd & set_bits != set_bits:
+            raise ConnectError(f"{self.target}: Memory Space / Bus Master do not stay set in "
+                               f"the PCI command register (reads {cmd:#06x})")
 
     def _window(self, name: str, cap: VirtioCap) -> Window:
         region = self._dev.regions[cap.bar]
@@ -445,8 +449,7 @@ class VfioPciTransport(Transport):
         try:
             self._reset(min(self.timeout, 1.0))
         finally:
-            cmd = struct.unpack("<H", self._dev.read_config(PCI_COMMAND, 2))[0]
-            self._dev.write_config(PCI_COMMAND, struct.pack("<H", cmd & ~PCI_COMMAND_MASTER))
+            self._command(0, PCI_COMMAND_MASTER)
 
     def _quietly(self, action: Callable[[], object]) -> None:
         try:
