@@ -183,10 +183,11 @@ def _link_name(path: str) -> str | None:
         return None
 
 
-def _unbind_howto(addr: str, sysfs: str) -> str:
+def _bind_howto(addr: str, sysfs: str, bound: bool) -> str:
     dev = f"{sysfs}/bus/pci/devices/{addr}"
-    return (f"bind it to vfio-pci: modprobe vfio-pci; echo {addr} > {dev}/driver/unbind; "
-            f"echo vfio-pci > {dev}/driver_override; echo {addr} > {sysfs}/bus/pci/drivers_probe")
+    unbind = f"echo {addr} > {dev}/driver/unbind; " if bound else ""
+    return (f"bind it to vfio-pci: modprobe vfio-pci; {unbind}echo vfio-pci > "
+            f"{dev}/driver_override; echo {addr} > {sysfs}/bus/pci/drivers_probe")
 
 
 class VfioDevice:
@@ -258,7 +259,7 @@ class VfioDevice:
         if driver != "vfio-pci":
             now = f"bound to {driver}" if driver else "bound to no driver"
             raise ConnectError(f"{self.target} is {now}, not vfio-pci: "
-                               f"{_unbind_howto(self.addr, sysfs)}", errno.ENODEV)
+                               f"{_bind_howto(self.addr, sysfs, bool(driver))}", errno.ENODEV)
         self._open_container()
         self._open_group()
         self._open_device()
