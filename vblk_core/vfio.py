@@ -272,8 +272,8 @@ class VfioDevice:
                 errno.EACCES: "permission denied: run as root, or chown the file to the user "
                               "(and raise its locked-memory limit, ulimit -l)",
                 errno.EPERM: "permission denied: run as root",
-                errno.EBUSY: "the group is busy: another process (a VM, another vblk) has it "
-                             "open",
+                errno.EBUSY: "the group is busy: another process (a VM, another vblk), or "
+                             "another session in this one, has it open",
                 errno.ENOENT: "load vfio-pci (modprobe vfio-pci) and check that udev created "
                               "the file"}) from None
 
