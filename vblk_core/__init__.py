@@ -1,7 +1,7 @@
 """vblk_core: a pure-Python multi-queue virtio-blk driver.
 
 Layers, each only calling downward: layout -> memory -> virtqueue -> virtio / virtio_blk ->
-transport (the interface; vhost_user and vhost_vdpa implement it) -> device_info, request,
+transport (the interface; vhost_user, vhost_vdpa and vfio_pci implement it) -> device_info, request,
 queues, supervisor, dispatch, batch -> device (the multi-queue block device).
 """
 from .device import BlockDevice
@@ -22,11 +22,12 @@ from .layout import VirtqueueLayout
 from .supervisor import DeviceState
 from .transport import Connector, Transport
 from .vhost_user import VhostUserConnector, VhostUserTransport
+from .vfio_pci import VfioPciConnector, VfioPciTransport
 from .vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
 
 __all__ = ["BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
            "Connector", "Transport", "VhostUserConnector", "VhostUserTransport",
-           "VhostVdpaConnector", "VhostVdpaTransport",
+           "VhostVdpaConnector", "VhostVdpaTransport", "VfioPciConnector", "VfioPciTransport",
            "VirtqueueLayout", "VblkError", "ConfigError", "TransportError", "ConnectError",
            "ProtocolError", "ControlTimeout", "DeviceError", "RingError", "DeviceChanged",
            "RequestError"]
