@@ -21,8 +21,8 @@ from .errors import (
 from .layout import VirtqueueLayout
 from .supervisor import DeviceState
 from .transport import Connector, Transport
-from .vhost_user import VhostUserConnector, VhostUserTransport
 from .vfio_pci import VfioPciConnector, VfioPciTransport
+from .vhost_user import VhostUserConnector, VhostUserTransport
 from .vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
 
 __all__ = ["BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
