@@ -530,27 +530,45 @@ def bench_one(dev: Any, bs: int, depth: int, rand: bool, seconds: float,
             "requests": ops}
 
 
-def driver_bench(engines: list[tuple[str, Callable[[], Any]]], seconds: float, span: int,
-                 share: str, res: dict[str, Any], title: str) -> None:
-    """Each engine (name, opener of a vblk_core BlockDevice) in turn, every workload."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, opener in engines:
-        t = time.monotonic()
-        dev = opener()
-        log(f"bench {name}: opened in {time.monotonic() - t:.2f}s, {dev.num_queues} queues")
-        try:
+def driver_bench(engines: list[tuple[str, Callable[[], Any]]], seconds: float, rounds: int,
+                 span: int, share: str, res: dict[str, Any], title: str) -> None:
+    """Every engine (name, opener of a vblk_core BlockDevice) open at once; ``rounds`` rounds of
+    every workload on every engine in turn (interleaved, so a change in the host's load hits
+    all of them alike); the median per (workload, engine) into res and share/bench.md."""
+    devs = []
+    try:
+        for name, opener in engines:
+            t = time.monotonic()
+            devs.append((name, opener()))
+            log(f"bench {name}: opened in {time.monotonic() - t:.2f}s, "
+                f"{devs[-1][1].num_queues} queues")
+        runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+        for rnd in range(rounds):
             for wname, bs, depth, rand in WORKLOADS:
-                r = bench_one(dev, bs, depth, rand, seconds, span)
-                out.setdefault(wname, {})[name] = r
-                log(f"bench {name:11s} {wname:16s} {r['ops']:8.1f} ops/s {r['mbs']:7.2f} MB/s "
-                    f"{r['cpu_us']:8.1f} us CPU/req")
-        finally:
+                for name, dev in devs:
+                    r = bench_one(dev, bs, depth, rand, seconds, span)
+                    runs.setdefault(wname, {}).setdefault(name, []).append(r)
+                    log(f"bench {rnd + 1}/{rounds} {name:11s} {wname:16s} {r['ops']:8.1f} ops/s "
+                        f"{r['mbs']:7.2f} MB/s {r['cpu_us']:8.1f} us CPU/req")
+    finally:
+        for _, dev in devs:
             dev.close()
+
+    def median(xs: list[float]) -> float:
+        xs = sorted(xs)
+        n = len(xs)
+        return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+    out: dict[str, dict[str, dict[str, Any]]] = {
+        w: {n: {k: round(median([r[k] for r in rs]), 2) for k in ("ops", "mbs", "cpu_us")}
+                | {"runs": [r["ops"] for r in rs]} for n, rs in per.items()}
+        for w, per in runs.items()}
     res["bench"] = out
     names = [n for n, _ in engines]
     lines = [f"### {title}", "",
-             f"vblk_core alone (no nbdkit) in a TCG guest, {seconds:g} s per workload, one run; "
-             f"reads over the first {span >> 20} MiB. TCG: compare the columns, not absolutes.",
+             f"vblk_core alone (no nbdkit) in a TCG guest (kernel {os.uname().release}, 1 vCPU); "
+             f"median of {rounds} interleaved runs of {seconds:g} s per workload; reads over the "
+             f"first {span >> 20} MiB. TCG: compare the columns, not the absolutes.",
              "", "| workload | " + " | ".join(names) + " | " +
              " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |",
              "|---" * (1 + 2 * len(names) - 1) + "|"]
@@ -560,9 +578,9 @@ def driver_bench(engines: list[tuple[str, Callable[[], Any]]], seconds: float, s
         ratios = [f"{v / vals[0]:.2f}" if vals[0] else "-" for v in vals[1:]]
         lines.append(f"| {wname} | " + " | ".join(f"{v:g} {unit}" for v in vals) + " | "
                      + " | ".join(ratios) + " |")
-    lines += ["", "CPU per request (this process, us): " + "; ".join(
-        f"{w}: " + ", ".join(f"{n} {out[w][n]['cpu_us']:g}" for n in names)
-        for w, *_ in WORKLOADS), ""]
+    lines += ["", "CPU per request (the benchmark process; the back-end's not counted), us: "
+              + "; ".join(f"{w}: " + ", ".join(f"{n} {out[w][n]['cpu_us']:g}" for n in names)
+                          for w, *_ in WORKLOADS), ""]
     with open(os.path.join(share, "bench.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -600,7 +618,7 @@ def scenario_vdpa(plan: dict[str, Any], procs: Procs, share: str, res: dict[str,
         if plan.get("bench_seconds"):
             driver_bench([("vhost-vdpa", open_vdpa(qsd.vhost_vdpa, queues)),
                           ("vhost-user", open_vhost_user(qsd.vhost_socket, queues))],
-                         plan["bench_seconds"], 48 * MiB, share, res,
+                         plan["bench_seconds"], plan.get("bench_rounds", 1), 48 * MiB, share, res,
                          "vhost-vdpa (VDUSE) vs vhost-user, same qemu-storage-daemon and disk")
     finally:
         qsd.stop()
@@ -622,7 +640,8 @@ def scenario_vfio(plan: dict[str, Any], procs: Procs, share: str, res: dict[str,
             engines += [("vhost-vdpa", open_vdpa(qsd.vhost_vdpa, plan["bench_queues"])),
                         ("vhost-user", open_vhost_user(qsd.vhost_socket, plan["bench_queues"]))]
         try:
-            driver_bench(engines, plan["bench_seconds"], 48 * MiB, share, res,
+            driver_bench(engines, plan["bench_seconds"], plan.get("bench_rounds", 1), 48 * MiB,
+                         share, res,
                          "vfio-pci (QEMU's virtio-blk-pci) vs vhost-vdpa (VDUSE) vs vhost-user")
         finally:
             if qsd:

@@ -1,0 +1,75 @@
+"""vblk's vfio-pci transport against a real PCI function, in a QEMU guest (TCG).
+
+host image file -> QEMU virtio-blk-pci (disable-legacy, iommu_platform, 4 queues, discard=unmap)
+behind the guest's intel-iommu (q35, interrupt remapping, caching mode; guest intel_iommu=on)
+-> unbound from virtio-pci, bound to vfio-pci (driver_override + drivers_probe) -> nbdkit +
+plugin/plugin.py ``pci=0000:00:04.0 num-queues=4`` -> libnbd (4 connections x 2 threads),
+nbdcopy in and out, flush/trim/zero, FUA, the stats file.
+
+The guest is tests/vm/transport_guest.py's (a Debian 13 kernel, the host's root over 9p),
+running tests/vm/transport_checks.py; the host then checks the image byte for byte, nbdcopy's
+copy of the whole export likewise, and the holes trims and zeroes left in the host file.  The
+same boot measures vblk_core alone on vfio-pci vs vhost-vdpa vs vhost-user (the latter two on a
+second disk behind qemu-storage-daemon's VDUSE and vhost-user-blk exports): bench.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_vdpa_guest import build_guest_or_fail, transport_checks, transport_guest
+
+QUEUES = 4
+SLOT = 4                       # the function under test: 0000:00:04.0
+BENCH_SLOT, BENCH_QUEUES = 5, 2
+BENCH_SECONDS = 1.5
+BENCH_ROUNDS = 2
+GUEST_TIMEOUT = 240   # hard limit; a run takes 40-70 s here
+
+
+@pytest.mark.slow
+def test_vfio_pci_in_guest(tmp_path, capsys):
+    build_guest_or_fail(capsys, "vfio-pci")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(transport_checks.IMAGE_SIZE)   # sparse
+    # The second disk (for the vhost-vdpa / vhost-user comparison): data where the reads go.
+    bench_image = tmp_path / "bench.img"
+    with open(bench_image, "wb") as f:
+        f.write(random.Random(1).randbytes(48 << 20))
+        f.truncate(transport_checks.IMAGE_SIZE)
+    seed = os.urandom(4).hex()
+    addr = transport_guest.Disk(str(image), SLOT, "").pci_address
+    plan = {"scenario": "vfio", "seed": seed, "queues": QUEUES, "pci": addr,
+            "bench_seconds": BENCH_SECONDS, "bench_rounds": BENCH_ROUNDS,
+            "bench_serial": "vblk-bench", "bench_queues": BENCH_QUEUES}
+    t0 = time.monotonic()
+    sr = transport_guest.run_scenario(
+        str(tmp_path), plan, modules=["9p", "blk", "vfio", "vdpa"], iommu=True,
+        timeout=GUEST_TIMEOUT, progress=print,
+        disks=[transport_guest.Disk(str(image), SLOT, "vblk-image", num_queues=QUEUES,
+                                    iommu_platform=True),
+               transport_guest.Disk(str(bench_image), BENCH_SLOT, "vblk-bench",
+                                    num_queues=BENCH_QUEUES)])
+    run = sr.run
+    print(f"guest: {run.result_line}; /init after {run.boot_seconds}s, powered off after "
+          f"{run.seconds:.1f}s")
+    assert run.ok and sr.results.get("ok"), f"the guest did not report success\n{sr.explain()}"
+    assert not run.timed_out and run.returncode == 0, sr.explain()
+    problems = transport_guest.host_checks(str(tmp_path), str(image), sr, seed, QUEUES)
+    used = sr.results.get("queues_used", [])
+    if len(used) < QUEUES:
+        print(f"note: {QUEUES} queues, requests on {used}")
+    bench = Path(sr.share) / "bench.md"
+    if bench.exists():
+        shutil.copy(bench, tmp_path / "bench-vfio.md")
+        print(bench.read_text())
+    print(f"whole test: {time.monotonic() - t0:.1f}s")
+    assert not problems, "\n".join(problems)
+    assert bench.exists(), "the guest wrote no bench.md"
