@@ -16,16 +16,23 @@ image, which the reliability and plugin tests rely on.
 
 ``qsd`` is a default daemon (4 queues, 64 MiB, writable) and ``device`` a ``BlockDevice`` on
 it, closed at teardown.  ``pattern`` is re-exported from vblk_tools.patterns for older tests.
+
+After every test, each qemu-storage-daemon the harness started during it is checked: every
+block node between its export and its image has ``discard=unmap`` (else trims would complete
+and change nothing, and the tests that trim would prove nothing).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
 
-from vblk_tools.harness import HarnessError, PathLike, Qsd
+from vblk_plugin.qsd import QSD
+from vblk_tools import harness
+from vblk_tools.harness import HarnessError, PathLike, Qsd, chain_without_discard
 from vblk_tools.patterns import first_difference, pattern
 
 __all__ = ["QsdDaemon", "first_difference", "pattern"]
@@ -41,6 +48,19 @@ class QsdDaemon(Qsd):
         except HarnessError as e:
             pytest.fail(f"{e}\ncommand: {' '.join(self.command(image))}", pytrace=False)
         return self
+
+
+@pytest.fixture(autouse=True)
+def daemons_discard_unmap() -> Iterator[None]:
+    """Every qemu-storage-daemon started (through the harness) during the test had
+    discard=unmap on every node of its export's chain."""
+    first = len(harness.history)
+    yield
+    for argv in harness.history[first:]:
+        if any(os.path.basename(a) == QSD for a in argv):
+            missing = chain_without_discard(argv)
+            assert not missing, (f"a daemon was started without discard=unmap on "
+                                 f"{', '.join(missing)}: {' '.join(argv)}")
 
 
 @pytest.fixture

@@ -15,8 +15,13 @@ EVENT_IDX) and signals the call eventfd when the driver asked for it.  One front
 when it disconnects, the next one is accepted (full handshake each time), like the daemon.
 
 Anything the *driver* does wrong (a message the spec forbids, a descriptor outside the shared
-memory, a queue index out of range) is recorded in ``violations``, so a test of a healthy device
-also checks the driver.
+memory, a queue index out of range, a descriptor longer than size_max, more data descriptors than
+seg_max, more discard/write-zeroes segments or sectors than the config allows, a request not
+aligned to blk_size, a FLUSH/DISCARD/WRITE_ZEROES whose feature was not negotiated, a write to a
+read-only device) is recorded in ``violations``, so a test of a healthy device also checks the
+driver.  Every request served is recorded in ``served`` (a ``Served``: queue, type, sector,
+length, discard/write-zeroes segments with their flags (UNMAP), descriptor counts, status), before
+its completion is published: a test can assert which device requests an NBD command became.
 
     fake = FakeVhostUserBlk(tmp_path / "vu.sock", bytearray(4 << 20), num_queues=2).start()
     dev = vblk_core.BlockDevice(fake.path, ...)
@@ -78,6 +83,7 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 
 # --- vhost-user ------------------------------------------------------------------------------
 
@@ -132,6 +138,9 @@ D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
 BLK_HDR = struct.Struct("<IIQ")
 BLK_SEG = struct.Struct("<QII")
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+REQUEST_NAMES = {T_IN: "read", T_OUT: "write", T_FLUSH: "flush", T_GET_ID: "get_id",
+                 T_DISCARD: "discard", T_WRITE_ZEROES: "write_zeroes"}
+WZ_FLAG_UNMAP = 1
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 SECTOR = 512
 
@@ -265,6 +274,7 @@ class FakeVhostUserBlk:
         self.requests = 0                     # virtio-blk requests taken from avail rings
         self.completed = 0
         self.ops: collections.Counter = collections.Counter()
+        self.served: list[Served] = []        # every request, in the order it was served
         self.negotiated_features: int | None = None
         self.handshakes_done = 0
         self.gone = threading.Event()         # set when the thread has ended
@@ -773,8 +783,56 @@ class FakeVhostUserBlk:
             m[o:o + k] = data[pos:pos + k]
             pos += k
 
+    def _negotiated(self, bit: int) -> bool:
+        return bool(self._acked_features >> bit & 1)
+
+    def _check_limits(self, index: int, name: str, readable, writable) -> None:
+        """Record what the driver must not do with the chain of a request: a descriptor longer
+        than size_max, more data descriptors than seg_max (both when negotiated)."""
+        size_max, seg_max = struct.unpack_from("<II", self.config, 8)
+        if self._negotiated(F_SIZE_MAX) and size_max:
+            longest = max(n for _m, _o, n in readable + writable)
+            if longest > size_max:
+                self._violation(f"queue {index}: {name} has a {longest}-byte descriptor, more "
+                                f"than size_max {size_max}")
+        if self._negotiated(F_SEG_MAX) and name in ("read", "write"):
+            data = _data_descriptors(readable, writable)
+            if data > seg_max:
+                self._violation(f"queue {index}: {name} has {data} data descriptors, more than "
+                                f"seg_max {seg_max}")
+
+    def _check_segments(self, index: int, name: str, segments, limit_sectors: int,
+                        limit_segs: int) -> bool:
+        """Discard / write-zeroes segments: count, size, flags and alignment as the config
+        allows.  Records violations; returns False if the request must fail."""
+        ok = True
+        if len(segments) > limit_segs:
+            self._violation(f"queue {index}: {name} with {len(segments)} segments, more than "
+                            f"{limit_segs}")
+            ok = False
+        bs = self._block_size()
+        for s, cnt, flags in segments:
+            if cnt > limit_sectors:
+                self._violation(f"queue {index}: {name} of {cnt} sectors, more than "
+                                f"{limit_sectors}")
+                ok = False
+            if (s * SECTOR) % bs or (cnt * SECTOR) % bs:
+                self._violation(f"queue {index}: {name} at sector {s}+{cnt} is not aligned to "
+                                f"the block size {bs}")
+                ok = False
+            allowed = WZ_FLAG_UNMAP if name == "write_zeroes" else 0
+            if flags & ~allowed:
+                self._violation(f"queue {index}: {name} segment flags {flags:#x}")
+        return ok
+
+    def _block_size(self) -> int:
+        if self._negotiated(F_BLK_SIZE):
+            return struct.unpack_from("<I", self.config, 20)[0] or SECTOR
+        return SECTOR
+
     def _process(self, index: int, vr: _Vring, head: int, fault: str | None):
-        """Serve one request; return the used entries [(id, len), ...] to publish."""
+        """Serve one request; return the used entries [(id, len), ...] to publish.  The
+        request is recorded in ``served`` before its completion is published."""
         try:
             readable, writable = self._chain(index, vr, head)
         except ValueError as e:
@@ -793,10 +851,24 @@ class FakeVhostUserBlk:
         reply = b""
         status = S_OK
         disk = self.disk
-        name = {T_IN: "read", T_OUT: "write", T_FLUSH: "flush", T_GET_ID: "get_id",
-                T_DISCARD: "discard", T_WRITE_ZEROES: "write_zeroes"}.get(rtype, "other")
+        name = REQUEST_NAMES.get(rtype, "other")
         self.ops[name] += 1
-        if rtype == T_IN:
+        self._check_limits(index, name, readable, writable)
+        segments: tuple[tuple[int, int, int], ...] = ()
+        read_only = bool(self.features >> F_RO & 1)
+        bs = self._block_size()
+        needs = {T_FLUSH: F_FLUSH, T_DISCARD: F_DISCARD, T_WRITE_ZEROES: F_WRITE_ZEROES}
+        if rtype in needs and not self._negotiated(needs[rtype]):
+            self._violation(f"queue {index}: {name} request, but the feature was not "
+                            "negotiated")
+            status = S_UNSUPP
+        elif rtype in (T_IN, T_OUT) and ((sector * SECTOR) % bs
+                                         or (data_in if rtype == T_IN else len(body)) % bs):
+            self._violation(f"queue {index}: {name} at sector {sector} of "
+                            f"{data_in if rtype == T_IN else len(body)} bytes is not aligned "
+                            f"to the block size {bs}")
+            status = S_IOERR
+        elif rtype == T_IN:
             start = sector * SECTOR
             if data_in % SECTOR or start + data_in > len(disk) or body:
                 status = S_IOERR
@@ -804,7 +876,8 @@ class FakeVhostUserBlk:
                 reply = bytes(disk[start:start + data_in])
         elif rtype == T_OUT:
             start = sector * SECTOR
-            if self.features >> F_RO & 1:
+            if read_only:
+                self._violation(f"queue {index}: write to a read-only device")
                 status = S_IOERR
             elif len(body) % SECTOR or start + len(body) > len(disk) or data_in:
                 status = S_IOERR
@@ -815,15 +888,23 @@ class FakeVhostUserBlk:
         elif rtype == T_GET_ID:
             reply = SERIAL[:data_in]
         elif rtype in (T_DISCARD, T_WRITE_ZEROES):
-            limit = struct.unpack_from("<I", self.config, 36 if rtype == T_DISCARD else 48)[0]
-            if not body or len(body) % BLK_SEG.size:
+            segments = tuple(BLK_SEG.unpack_from(body, k)
+                             for k in range(0, len(body) - len(body) % BLK_SEG.size,
+                                            BLK_SEG.size))
+            limit, limit_segs = struct.unpack_from(
+                "<II", self.config, 36 if rtype == T_DISCARD else 48)
+            if read_only:
+                self._violation(f"queue {index}: {name} on a read-only device")
                 status = S_IOERR
-            for k in range(0, len(body) - len(body) % BLK_SEG.size, BLK_SEG.size):
-                s, cnt, _fl = BLK_SEG.unpack_from(body, k)
-                if cnt > limit or (s + cnt) * SECTOR > len(disk):
-                    status = S_IOERR
-                    break
-                disk[s * SECTOR:(s + cnt) * SECTOR] = bytes(cnt * SECTOR)
+            elif not body or len(body) % BLK_SEG.size:
+                status = S_IOERR
+            elif not self._check_segments(index, name, segments, limit, limit_segs):
+                status = S_IOERR
+            elif any((s + cnt) * SECTOR > len(disk) for s, cnt, _fl in segments):
+                status = S_IOERR
+            else:
+                for s, cnt, _fl in segments:
+                    disk[s * SECTOR:(s + cnt) * SECTOR] = bytes(cnt * SECTOR)
         else:
             status = S_UNSUPP
         written = len(reply) + 1
@@ -838,6 +919,11 @@ class FakeVhostUserBlk:
         elif fault == "no_status":
             self._inject("no_status")
             write_status = False
+        self.served.append(Served(
+            queue=index, type=name, sector=sector,
+            length=data_in if rtype in (T_IN, T_GET_ID) else len(body),
+            segments=segments, data_descriptors=_data_descriptors(readable, writable),
+            longest_descriptor=max(n for _m, _o, n in readable + writable), status=status))
         # data first, then the status byte (the last writable byte)
         self._scatter(writable, reply)
         if write_status:
@@ -855,6 +941,50 @@ class FakeVhostUserBlk:
             self._inject("double_complete")
             return [(head, written), (head, written)]
         return [(head, written)]
+
+
+def _data_descriptors(readable, writable) -> int:
+    """Descriptors of a chain that carry data: all but the 16-byte header (the first readable
+    descriptor, if it holds only the header) and the 1-byte status (the last writable one)."""
+    n = len(readable) + len(writable)
+    if readable and readable[0][2] == BLK_HDR.size:
+        n -= 1
+    if writable and writable[-1][2] == 1:
+        n -= 1
+    return n
+
+
+@dataclass(frozen=True)
+class Served:
+    """One virtio-blk request as the fake saw it: recorded before its completion is published,
+    so once an NBD client has its reply, the requests that served it are in ``served``."""
+    queue: int
+    type: str                 # read, write, flush, get_id, discard, write_zeroes, other
+    sector: int               # the header's sector (read, write)
+    length: int               # read/get_id: bytes the device may write; else bytes sent
+    segments: tuple[tuple[int, int, int], ...]   # discard/write_zeroes: (sector, count, flags)
+    data_descriptors: int     # descriptors carrying data (the header and status not counted)
+    longest_descriptor: int
+    status: int
+
+    @property
+    def unmap(self) -> bool:
+        """A write-zeroes that lets the device deallocate (VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)."""
+        return any(flags & WZ_FLAG_UNMAP for _s, _n, flags in self.segments)
+
+    @property
+    def extents(self) -> list[tuple[int, int]]:
+        """(byte offset, byte length) the request covers: its data, or its segments."""
+        if self.segments:
+            return [(s * SECTOR, n * SECTOR) for s, n, _f in self.segments]
+        if self.type in ("read", "write"):
+            return [(self.sector * SECTOR, self.length)]
+        return []
+
+    def __str__(self) -> str:
+        where = ",".join(f"{o}+{n}" for o, n in self.extents)
+        flags = " unmap" if self.unmap else ""
+        return f"{self.type}({where}{flags})"
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:

@@ -9,21 +9,50 @@ binding (``import nbd``) in-process.  Sockets are unix sockets in short private 
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 
 import psutil
+import pytest
 
 from vblk_plugin.qsd import QSD
 from vblk_tools import harness
 from vblk_tools.patterns import assert_same_bytes, first_difference
 
-__all__ = ["Nbdkit", "assert_same_bytes", "first_difference", "kill_procs", "qsd_processes",
-           "read_file", "remove_tree", "run_nbdkit_expect_failure", "short_tmpdir",
-           "wait_no_qsd"]
+__all__ = ["Nbdkit", "assert_same_bytes", "first_difference", "kill_procs", "need_module",
+           "need_program", "qsd_processes", "read_file", "remove_tree",
+           "run_nbdkit_expect_failure", "short_tmpdir", "wait_no_qsd"]
+
+
+# --- what the tests need installed: missing means the suite fails, never skips -------------
+
+def _missing(what: str, package: str) -> None:
+    pytest.fail(f"{what} is missing: apt-get install {package} (or run scripts/setup, which "
+                "installs everything the tests need)", pytrace=False)
+
+
+def need_module(name: str, package: str) -> ModuleType:
+    """``import name``, or fail (at collection, when called at module level) naming the
+    Debian package that provides it.  E.g. ``nbd = need_module("nbd", "python3-libnbd")``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _missing(f"Python module {name!r}", package)
+        raise  # not reached: pytest.fail raised
+
+
+def need_program(name: str, package: str) -> str:
+    """The full path of program ``name``, or fail naming the Debian package."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"program {name!r}", package)
+    assert path is not None
+    return path
 
 
 def short_tmpdir(prefix: str = "vbt-") -> str:

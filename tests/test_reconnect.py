@@ -17,7 +17,9 @@ import time
 
 import pytest
 
-nbd = pytest.importorskip("nbd")
+from nbdkit_util import need_module
+
+nbd = need_module("nbd", "python3-libnbd")
 
 from reliability_util import (  # noqa: E402
     Backend,

@@ -58,6 +58,8 @@ class Exit(NamedTuple):
 # --- processes -----------------------------------------------------------------------------
 
 _live: list[subprocess.Popen[bytes]] = []   # started here and not yet stopped, oldest first
+#: every argv spawned in this process, oldest first (the tests check each daemon's command line)
+history: list[list[str]] = []
 _PR_SET_PDEATHSIG = 1
 
 
@@ -83,6 +85,7 @@ def spawn(argv: Sequence[PathLike], log_path: PathLike | None = None, *,
     if extra_env:
         env = {**os.environ, **extra_env}
     _live[:] = [p for p in _live if p.returncode is None]
+    history.append(cmd)
     if log_path is None:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
@@ -177,6 +180,36 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout
         time.sleep(0.01)
 
 
+def chain_without_discard(argv: Sequence[str]) -> list[str]:
+    """The block nodes between a qemu-storage-daemon's export and its image (the format node,
+    any filters, the file node) that lack ``discard=unmap``, as "node-name (driver)": an empty
+    list when trims can reach the image.  (qemu's default discard=ignore on any one of them
+    completes every trim without effect.)  Raises ValueError for an argv without an export."""
+    nodes: dict[str, dict[str, str]] = {}
+    export = None
+    args = list(argv)
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag not in ("--blockdev", "--export"):
+            continue
+        opts = dict(kv.split("=", 1) for kv in value.replace(",,", "\0").split(",") if "=" in kv)
+        if flag == "--blockdev":
+            nodes[opts.get("node-name", "")] = opts
+        else:
+            export = opts.get("node-name")
+    if export is None:
+        raise ValueError(f"no --export in {' '.join(args)}")
+    missing = []
+    name: str | None = export
+    seen = set()
+    while name is not None and name in nodes and name not in seen:
+        seen.add(name)
+        opts = nodes[name]
+        if opts.get("discard") != "unmap":
+            missing.append(f"{name} ({opts.get('driver')})")
+        name = opts.get("file")
+    return missing
+
+
 # --- files ---------------------------------------------------------------------------------
 
 def short_socket_dir(directory: PathLike, name_len: int = 20) -> tuple[Path, bool]:
@@ -218,9 +251,21 @@ class Qsd:
                  log_path: PathLike | None = None, num_queues: int = 1, writable: bool = True,
                  aio: str = "threads", fmt: str = "raw", logical_block_size: int | None = None,
                  export: str = "vhost-user-blk", filters: Sequence[Node] = (),
-                 extra_nodes: Sequence[Node] = (), death_signal: str = "KILL") -> None:
+                 extra_nodes: Sequence[Node] = (), write_log: bool | PathLike = False,
+                 prefix: Sequence[str] = (), death_signal: str = "KILL") -> None:
         self.workdir = Path(workdir)
         self.name = name
+        self.write_log: Path | None = None
+        if write_log:
+            # blklogwrites between the file node and the format node: every write, flush, FUA
+            # and discard the file node gets is logged (tests/dmlog.py reads it)
+            self.write_log = (Path(write_log) if write_log is not True
+                              else self.workdir / f"{name}-writes.log")
+            self.write_log.write_bytes(b"")
+            extra_nodes = (*extra_nodes, Node("file", "wlog0",
+                                              {"filename": os.fspath(self.write_log)}))
+            filters = (Node("blklogwrites", "wlw0", {"log": "wlog0"}), *filters)
+        self.prefix = [os.fspath(a) for a in prefix]
         self.image = (Path(image) if image is not None
                       else make_image(self.workdir / f"{name}.img", size, content))
         self._own_dir: Path | None = None
@@ -244,8 +289,10 @@ class Qsd:
         self.kills = 0
 
     def command(self, image: PathLike | None = None) -> list[str]:
-        return qsd_argv(image if image is not None else self.image, self.socket,
-                        **self.options)
+        """The argv: ``prefix`` (e.g. a wrapper that mounts something first and execs the
+        rest), then qsd_argv's."""
+        return self.prefix + qsd_argv(image if image is not None else self.image, self.socket,
+                                      **self.options)
 
     @property
     def uri(self) -> str:
@@ -266,6 +313,8 @@ class Qsd:
             raise HarnessError(f"{QSD} {self.name} already running (pid {self.pid})")
         if shutil.which(QSD) is None:
             raise HarnessError(f"{QSD} is not installed: {missing_daemon_hint()}")
+        if self.write_log is not None and self.starts:
+            self.write_log.write_bytes(b"")   # a fresh log per start (qemu writes a new super)
         try:
             os.unlink(self.socket)  # a stale socket of a killed daemon
         except FileNotFoundError:

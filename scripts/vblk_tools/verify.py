@@ -171,12 +171,21 @@ class VerifiedWorker:
         return h
 
     def run(self) -> VerifiedWorker:
+        """The I/O loop (see the class).  Any exception, not only a failed NBD request, is
+        recorded in ``errors``: a worker thread never dies silently."""
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - recorded: the caller asserts on errors
+            self._error(f"worker crashed: {type(e).__name__}: {e}")
+        return self
+
+    def _run(self) -> None:
         import nbd
         try:
             h = self.handle = self.connect()
         except nbd.Error as e:
             self._error(f"connect failed: {e}", e.errno)
-            return self
+            return
         pending: dict = {}
         last_progress = time.monotonic()
         try:
@@ -208,13 +217,20 @@ class VerifiedWorker:
                 elif now - last_progress > self.stall_timeout:
                     self._error(f"no request completed for {self.stall_timeout:g}s "
                                 f"({len(pending)} in flight): hang")
-                    return self
+                    return
         except nbd.Error as e:
             self._error(f"connection failed: {e}", e.errno)
-        return self
+        return
 
     def verify_all(self, chunk: int = 1 << 20) -> None:
-        """Read the whole region back (on a new connection) and check it against the model."""
+        """Read the whole region back (on a new connection) and check it against the model.
+        Any exception is recorded in ``errors``."""
+        try:
+            self._verify_all(chunk)
+        except BaseException as e:  # noqa: BLE001 - recorded: the caller asserts on errors
+            self._error(f"final verify crashed: {type(e).__name__}: {e}")
+
+    def _verify_all(self, chunk: int) -> None:
         import nbd
         try:
             h = self.connect()
