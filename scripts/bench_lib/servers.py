@@ -253,11 +253,12 @@ def catalogue(opts):
     specs = []
 
     def vblk(name, aio, desc, threads=opts.vblk_threads, queues=opts.vblk_queues,
-             extra=()):
+             extra=(), cpus=None, fio_cpus=None):
         specs.append(ServerSpec(name, "vblk", desc, nbdkit_threads=threads, aio=aio,
                                 queues=queues, plugin=plugin,
                                 plugin_args=list(opts.vblk_arg) + list(extra),
-                                env=vblk_env, stats=opts.vblk_stats))
+                                env=vblk_env, stats=opts.vblk_stats, cpus=dict(cpus or {}),
+                                fio_cpus=fio_cpus))
 
     vblk("vblk-threads", None, "vblk plugin over qemu-storage-daemon vhost-user-blk, aio=threads")
     vblk("vblk-io_uring", "io_uring",
@@ -267,9 +268,14 @@ def catalogue(opts):
         if not sep or not name:
             raise ValueError("--vblk-variant wants NAME:KEY=VAL,..., got %r" % v)
         aio, threads, queues, extra = None, opts.vblk_threads, opts.vblk_queues, []
+        cpus, fio_cpus = {}, None
         for item in filter(None, body.split(",")):
             k, val = _parse_kv(item)
-            if k == "aio":
+            if k in ("qsd-cpus", "nbdkit-cpus"):     # pinned from outside, e.g. qsd-cpus=1
+                cpus[k.split("-")[0]] = val.replace(";", ",")
+            elif k == "fio-cpus":
+                fio_cpus = val.replace(";", ",")
+            elif k == "aio":
                 aio = None if val == "threads" else val
             elif k in ("t", "threads"):
                 threads = int(val)
@@ -278,7 +284,7 @@ def catalogue(opts):
             else:
                 extra.append("%s=%s" % (k, val))
         vblk("vblk-" + name, aio, "vblk variant %s (%s)" % (name, body or "defaults"),
-             threads=threads, queues=queues, extra=extra)
+             threads=threads, queues=queues, extra=extra, cpus=cpus, fio_cpus=fio_cpus)
     # The round-trip ceiling (benchmarks/rt_plugin.py + rt_device.c), -t 4 as measured, and
     # pinned: nbdkit on CPU 0, the device and fio on CPU 1.
     specs.append(ServerSpec("rt", "rt", "round-trip ceiling: Python plugin + C device over "
