@@ -24,6 +24,8 @@ from nbdkit_util import (
     Nbdkit,
     assert_same_bytes,
     kill_procs,
+    need_module,
+    need_program,
     qsd_processes,
     read_file,
     remove_tree,
@@ -31,8 +33,9 @@ from nbdkit_util import (
     short_tmpdir,
     wait_no_qsd,
 )
+from vblk_tools.harness import chain_without_discard
 
-nbd = pytest.importorskip("nbd")
+nbd = need_module("nbd", "python3-libnbd")
 
 MiB = 1 << 20
 SECTOR = 512
@@ -314,13 +317,18 @@ def _aio_run(h, jobs, depth):
                 pending.discard(cookie)
 
 
-def test_multi_conn_parallel_aio_and_stats(qsd_factory, kits, workdir):
+# nbdkit's default thread count, and -t 4 as scripts/serve runs it
+THREADS = [pytest.param((), id="default-threads"), pytest.param(("-t", "4"), id="t4")]
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_multi_conn_parallel_aio_and_stats(qsd_factory, kits, workdir, threads):
     nconn, region, depth = 4, 16 * MiB, 16
     size = nconn * region
     seed = int.from_bytes(os.urandom(4), "little")
     qsd = qsd_factory(num_queues=4, size=size)
     stats = os.path.join(workdir, "stats.json")
-    kit = kits({"socket": qsd.socket, "stats": stats})
+    kit = kits({"socket": qsd.socket, "stats": stats}, extra_args=threads)
     handles = [kit.connect() for _ in range(nconn)]
     model = bytearray(size)
     errors: list[BaseException] = []
@@ -395,9 +403,16 @@ def test_multi_conn_parallel_aio_and_stats(qsd_factory, kits, workdir):
 
 # --- other clients: qemu-img, nbdcopy, fio ---------------------------------------------------
 
-def _run(cmd, timeout=120):
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=timeout)
+#: client programs these tests run, and the Debian package of each
+CLIENTS = {"qemu-img": "qemu-utils", "nbdcopy": "libnbd-bin", "nbdinfo": "libnbd-bin",
+           "fio": "fio"}
+
+
+def _run(cmd, timeout=120, cwd=None):
+    """Run a client program (missing: the test fails naming its package)."""
+    program = need_program(cmd[0], CLIENTS[cmd[0]])
+    r = subprocess.run([program, *cmd[1:]], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=timeout, cwd=cwd)
     return r.returncode, r.stdout + r.stderr
 
 
@@ -415,7 +430,7 @@ def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, kits, workdir):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     size = 32 * MiB
     qsd = qsd_factory(num_queues=4, size=size, content=_mixed_content(rng, size))
-    kit = kits({"socket": qsd.socket})
+    kit = kits({"socket": qsd.socket}, extra_args=("-t", "4"))
     img = str(qsd.image)
 
     # qemu-img compare, export vs. the image file the daemon serves (-U: the daemon holds the
@@ -449,25 +464,39 @@ def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, kits, workdir):
     assert_same_bytes(qsd.read_image(), src_data, "image after nbdcopy in")
 
 
-def test_fio_nbd_engine_randrw_verify(qsd_factory, kits, workdir):
-    if shutil.which("fio") is None:
-        pytest.skip("fio is not installed")
+@pytest.mark.parametrize("threads", THREADS)
+def test_fio_nbd_engine_write_then_verify_every_byte(qsd_factory, kits, workdir, threads):
+    """fio's nbd engine, two jobs (two connections) each writing its own 16 MiB once in random
+    order with random block sizes, then reading all of it back and checking every block's
+    crc32c.  Bounded by size, not by time: the verify phase always runs, and the bytes it
+    verified must equal the bytes written."""
     qsd = qsd_factory(num_queues=4, size=48 * MiB)
-    kit = kits({"socket": qsd.socket})
+    stats = os.path.join(workdir, "fio-stats.json")
+    kit = kits({"socket": qsd.socket, "stats": stats}, extra_args=threads)
     out_json = os.path.join(workdir, "fio.json")
-    rc, out = _run(["fio", "--name=vblk", "--ioengine=nbd", f"--uri={kit.uri}",
-                    "--rw=randrw", "--bs=4k", "--size=32M", "--verify=crc32c",
-                    "--iodepth=16", "--runtime=5", f"--output={out_json}",
-                    "--output-format=json"], timeout=90)
+    job = 16 * MiB
+    cmd = ["fio", "--ioengine=nbd", f"--uri={kit.uri}", "--rw=randwrite", "--bsrange=4k-64k",
+           "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+           "--verify_state_save=0", f"--output={out_json}", "--output-format=json"]
+    for j in range(2):
+        cmd += [f"--name=vblk{j}", f"--offset={MiB + j * (job + MiB)}", f"--size={job}"]
+    rc, out = _run(cmd, timeout=120, cwd=workdir)
     assert rc == 0, f"fio failed (rc {rc}): {out}\n{kit.stderr()}"
     with open(out_json) as f:
         text = f.read()
     report = json.loads(text[text.index("{"):])
-    job = report["jobs"][0]
-    assert job["error"] == 0, job
-    assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0, job
-    assert job["write"]["total_ios"] > 100 and job["read"]["total_ios"] > 100, job
+    jobs = report["jobs"]
+    assert len(jobs) == 2, jobs
+    for j in jobs:
+        assert j["error"] == 0, j
+        written, verified = j["write"]["io_bytes"], j["read"]["io_bytes"]
+        assert written == job, f"{j['jobname']} wrote {written} bytes, not {job}"
+        assert verified == written, f"{j['jobname']} verified {verified} of {written} bytes"
     stop_ok(kit)
+    with open(stats) as f:
+        totals = json.load(f)["totals"]
+    # the device carried every byte both ways, and failed nothing
+    assert totals["bytes"] >= 2 * 2 * job and totals["errors"] == 0, totals
 
 
 # --- image= mode: the plugin's own qemu-storage-daemon ---------------------------------------
@@ -512,11 +541,13 @@ def image_mode(workdir, kits):
         kit = kits({"image": img, **params})
         daemons = _own_daemons(kit, img)
         assert len(daemons) == 1, f"image= should start one qemu-storage-daemon: {daemons}"
+        missing = chain_without_discard(daemons[0].cmdline())
+        assert not missing, f"image= daemon without discard=unmap on {missing}"
         return kit, img, bytearray(content) + bytearray(size - len(content)), daemons[0]
 
     yield start
     for img in images:
-        left = qsd_processes(img)
+        left = wait_no_qsd(img, timeout=5)   # (SIGTERM from a dying nbdkit takes a moment)
         kill_procs(left)
         assert not left, f"qemu-storage-daemon left behind: {left}"
 
@@ -581,6 +612,43 @@ def test_image_mode_sigkill_leaves_no_daemon(image_mode):
             remove_tree(sock_dir)  # nobody can clean up the private directory after a SIGKILL
 
 
+def test_image_mode_restarts_a_daemon_that_died(image_mode, workdir):
+    """README: with image=, a private daemon that dies is restarted (reconnect-timeout > 0) and
+    the device session reconnects: requests in flight and sent meanwhile succeed."""
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    size = 16 * MiB
+    stats = os.path.join(workdir, "image-stats.json")
+    kit, img, model, daemon = image_mode(size, rng.randbytes(2 * MiB), stats=stats)
+    h = kit.connect()
+    _exercise(h, model, rng)
+    first = daemon.pid
+    bufs, cookies = [], []
+    for i in range(8):
+        data = rng.randbytes(256 * 1024)
+        off = 4 * MiB + i * 256 * 1024
+        model[off:off + len(data)] = data
+        bufs.append(nbd.Buffer.from_bytearray(bytearray(data)))
+        cookies.append(h.aio_pwrite(bufs[-1], off))
+    os.kill(first, signal.SIGKILL)    # the daemon dies with requests in flight
+    deadline = time.monotonic() + 60
+    while h.aio_in_flight() and time.monotonic() < deadline:
+        h.poll(100)
+    assert h.aio_in_flight() == 0, "requests hung after the daemon died"
+    for cookie in cookies:
+        assert h.aio_command_completed(cookie)          # raises for a failed request
+    _exercise(h, model, rng)          # and the restarted daemon serves everything
+    daemons = _own_daemons(kit, img)
+    assert len(daemons) == 1 and daemons[0].pid != first, daemons
+    h.shutdown()
+    stop_ok(kit)
+    assert "restarting it" in kit.stderr(), kit.stderr()[-3000:]
+    with open(stats) as f:
+        st = json.load(f)
+    assert st["reconnects"] == 1 and st["state"] == "connected", st
+    assert st["totals"]["errors"] == 0, st
+    assert_same_bytes(read_file(img), model, "image file after the restart")
+
+
 # --- bad configuration ------------------------------------------------------------------------
 
 @pytest.fixture
@@ -643,6 +711,35 @@ BAD_CONFIGS = [
     ("image-missing", ["image={DIR}/missing.img"], "missing.img does not exist"),
     ("image-empty", ["image={DIR}/empty.img"], "empty.img is empty"),
     ("image-wrong-format", ["image={DIR}/disk.img", "format=qcow2"], "qemu-storage-daemon"),
+    # every key's own errors, through nbdkit
+    ("format-unknown", ["image={DIR}/disk.img", "format=vmdk"],
+     "format='vmdk' is not supported: use one of raw, qcow2"),
+    ("aio-unknown", ["image={DIR}/disk.img", "aio=posix"],
+     "aio='posix' is not supported: use one of threads, io_uring, native"),
+    ("format-with-socket", ["socket={DAEMON}", "format=raw"],
+     "format= only applies with image=, not socket="),
+    ("aio-with-socket", ["socket={DAEMON}", "aio=io_uring"],
+     "aio= only applies with image=, not socket="),
+    ("bounce-buffers-3", ["socket={DAEMON}", "bounce-buffers=3"],
+     "bounce-buffers=3 is out of range: use 4 to 4096"),
+    ("bounce-buffers-word", ["socket={DAEMON}", "bounce-buffers=many"],
+     "bounce-buffers='many' is not a whole number"),
+    ("stats-empty", ["socket={DAEMON}", "stats="], "stats= needs a path"),
+    ("stats-no-directory", ["socket={DAEMON}", "stats={DIR}/no/such/stats.json"],
+     "stats={DIR}/no/such/stats.json: directory {DIR}/no/such does not exist"),
+    ("request-timeout-0", ["socket={DAEMON}", "request-timeout=0"],
+     "request-timeout=0 is out of range: use more than 0 to 86400 seconds"),
+    ("request-timeout-word", ["socket={DAEMON}", "request-timeout=soon"],
+     "request-timeout='soon' is not a number of seconds"),
+    ("reconnect-timeout-negative", ["socket={DAEMON}", "reconnect-timeout=-1"],
+     "reconnect-timeout=-1 is out of range: use 0 (off) to 86400 seconds"),
+    ("reconnect-timeout-huge", ["socket={DAEMON}", "reconnect-timeout=86401"],
+     "reconnect-timeout=86401 is out of range"),
+    ("num-queues-0", ["socket={DAEMON}", "num-queues=0"], "num-queues=0 is out of range"),
+    ("repeated-key", ["socket={DAEMON}", "queue-size=128", "queue-size=256"],
+     "queue-size= given twice: give it once"),
+    ("repeated-device-key", ["socket={DAEMON}", "socket={DAEMON}"],
+     "socket= given twice: give it once"),
 ]
 
 
