@@ -495,6 +495,7 @@ def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
     partial = b""
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    eof = False
     try:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
@@ -508,6 +509,7 @@ def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
                 continue
             data = os.read(fd, 65536)
             if not data:
+                eof = True   # QEMU closed the console: it is exiting
                 break
             chunks.append(data)
             partial += data
@@ -519,7 +521,7 @@ def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
                 if progress:
                     progress(f"[{time.monotonic() - t0:5.1f}s] {line}")
     finally:
-        if proc.poll() is None and timed_out:
+        if proc.poll() is None and not eof:   # timed out, or interrupted
             proc.send_signal(signal.SIGKILL)   # QEMU, by PID
         try:
             proc.wait(timeout=10)
