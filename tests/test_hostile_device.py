@@ -55,6 +55,7 @@ from vblk_core import (
     TransportError,
     VblkError,
 )
+from vblk_tools.patterns import pattern  # ASCII only: never PREFILL
 
 CONTROL_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 1.0
@@ -71,16 +72,6 @@ HANDSHAKE = ["SET_OWNER", "GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL
              "GET_QUEUE_NUM", "SET_FEATURES", "GET_CONFIG", "SET_MEM_TABLE", "SET_VRING_NUM",
              "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_CALL", "SET_VRING_KICK",
              "SET_VRING_ENABLE"]
-
-
-def pattern(length: int, seed: int = 0, base: int = 0) -> bytes:
-    """Position-tagged bytes: every 512-byte sector names its seed and absolute offset, so any
-    sector found in a buffer says exactly where it came from.  Never contains PREFILL."""
-    out = bytearray()
-    for pos in range(base, base + length, 512):
-        tag = f"[{seed}:{pos}]".encode()
-        out += (tag * (512 // len(tag) + 1))[:512]
-    return bytes(out[:length])
 
 
 # --- fixtures ------------------------------------------------------------------------------

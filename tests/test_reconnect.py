@@ -84,34 +84,56 @@ def test_kill_and_restart_under_verified_load(procs, request):
     request.addfinalizer(lambda: [w.close() for w in workers])  # nbdkit waits for its clients
     threads = run_workers(workers)
     progress = []
+
+    def ops() -> int:
+        return sum(w.ops for w in workers)
+
+    def wait_ops(what: str, at_least: int, timeout: float = 30.0) -> float:
+        """Poll until ops() >= at_least; returns the seconds it took (fails after timeout)."""
+        t0 = time.monotonic()
+        while ops() < at_least:
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"{what}: not within {timeout:g}s ({ops()} ops; errors "
+                            f"{[e for w in workers for e in w.errors][:3]})")
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
+    def settled(quiet: float = 0.3, timeout: float = 10.0) -> int:
+        """The op count once it stopped moving for ``quiet`` seconds (the answers the device
+        gave before it died have reached the clients)."""
+        last, since, t0 = ops(), time.monotonic(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            time.sleep(0.02)
+            now = ops()
+            if now != last:
+                last, since = now, time.monotonic()
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"requests kept completing {timeout:g}s after the back-end died")
+        return last
+
     try:
-        time.sleep(1.5)
+        wait_ops("the workers got going", 300)
         for k in range(KILLS):
             backend.kill()
-            down = 1.0 + 0.5 * k                     # 1.0, 1.5, 2.0 s without a back-end
-            time.sleep(0.5)                          # answers the device gave before dying
-            before = sum(w.ops for w in workers)     # are reaped by now
-            time.sleep(down - 0.5)
-            during = sum(w.ops for w in workers)
+            before = settled()
+            time.sleep(1.0 + 0.5 * k)                # down 1.0, 1.5, 2.0 s: the fault itself
+            during = ops()
             backend.start()
-            time.sleep(2.0)
-            after = sum(w.ops for w in workers)
-            progress.append((before, during, after))
-            if after == during:
-                break       # reported below, after the workers have stopped
+            recovery = wait_ops(f"I/O after restart #{k + 1}", during + 1)
+            after = ops()
+            progress.append((before, during, after, round(recovery, 2)))
+            # enough under way again that the next kill finds requests in flight
+            wait_ops(f"I/O after restart #{k + 1}", after + 300)
     finally:
         stop.set()
         for t in threads:
             t.join(40)
     assert not any(t.is_alive() for t in threads), "a worker hung"
-    for k, (_before, during, after) in enumerate(progress):
-        assert after > during, f"no I/O completed in 2 s after restart #{k + 1}: {progress}"
-    assert len(progress) == KILLS
     errors = [e for w in workers for e in w.errors]
     assert not errors, f"clients saw {len(errors)} error(s): {errors[:5]}"
-    ops = sum(w.ops for w in workers)
+    total_ops = ops()
     # While the back-end was down, nothing completed: the requests waited.
-    for before, during, _after in progress:
+    for before, during, _after, _recovery in progress:
         assert during == before, progress
     # Read everything back through nbdkit, then check the image file itself.
     for w in workers:
@@ -137,9 +159,12 @@ def test_kill_and_restart_under_verified_load(procs, request):
         gap = image[i * STRIDE + REGION:(i + 1) * STRIDE]
         assert gap.count(0) == len(gap), f"bytes written outside every region after region {i}"
     verified = sum(w.bytes_verified for w in workers)
-    print(f"ops={ops} kills={KILLS} resubmitted={sum(resubmitted)} "
-          f"bytes_verified={verified} max_latency={max(w.max_latency for w in workers):.2f}s")
-    assert ops > 1000 and verified > 4 * REGION
+    print(f"ops={total_ops} kills={KILLS} resubmitted={sum(resubmitted)} "
+          f"bytes_verified={verified} max_latency={max(w.max_latency for w in workers):.2f}s "
+          f"(before, during, after, recovery s)={progress}")
+    # every request the clients completed reached the device (resubmitted ones count twice)
+    assert stats["totals"]["requests"] >= total_ops, stats
+    assert verified > 4 * REGION
 
 
 # --- (b) the daemon never comes back ----------------------------------------------------------
@@ -205,10 +230,9 @@ def test_backend_returns_as_different_device(procs, tmp_path):
     other = tmp_path / "other.img"
     with open(other, "wb") as f:
         f.truncate(32 * MiB)
-    t0 = time.monotonic()
     backend.kill()
     backend.start(image=other)
-    results = run_aio(h, _mixed_requests(size), timeout=25, t0=t0)
+    results = run_aio(h, _mixed_requests(size), timeout=25)   # timed from their submission
     assert all(r[0] == "EIO" for r in results), results
     # "Different device" is final: no waiting for the 30 s reconnect-timeout.
     assert max(r[1] for r in results) < 10.0, results
@@ -237,10 +261,9 @@ def test_reconnect_timeout_zero_fails_at_once(procs):
     size = h.get_size()
     h.pwrite(b"z" * MiB, 0)
     assert h.pread(MiB, 0) == b"z" * MiB
-    t0 = time.monotonic()
     backend.kill()
     backend.start()     # it is back at once, but reconnect-timeout=0 means: do not try
-    results = run_aio(h, _mixed_requests(size), timeout=10, t0=t0)
+    results = run_aio(h, _mixed_requests(size), timeout=10)   # timed from their submission
     assert all(r[0] == "EIO" for r in results), results
     assert max(r[1] for r in results) < 1.0, results
     stats = server.wait_stats(lambda s: s["state"] == "failed", 5)

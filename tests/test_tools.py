@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 
 import pytest
 
+import dmlog
+from nbdkit_util import need_module, need_program
 from vblk_plugin.qsd import Node, accepts_connection, install_package, missing_daemon_hint, qsd_argv
 from vblk_tools.cli import parse_size
-from vblk_tools.harness import HarnessError, Nbdkit, Qsd, nbd_greeting
+from vblk_tools.harness import HarnessError, Nbdkit, Qsd, chain_without_discard, nbd_greeting
 from vblk_tools.patterns import assert_same_bytes, first_difference, pattern
+from vblk_tools.verify import VerifiedWorker
 
 MiB = 1 << 20
 
@@ -200,3 +204,75 @@ def test_nbdkit_ready_means_greeting(tmp_path):
     finally:
         kit.cleanup()
         qsd.cleanup()
+
+
+# --- the discard check, the write-log reader, worker crashes, missing tools -------------------
+
+def test_chain_without_discard():
+    assert chain_without_discard(qsd_argv("d.img", "s.sock")) == []
+    blw = Node("blklogwrites", "lw0", {"log": "log0"})
+    log = Node("file", "log0", {"filename": "w.log"})    # not in the chain: needs nothing
+    assert chain_without_discard(qsd_argv("d.img", "s.sock", filters=[blw],
+                                          extra_nodes=[log])) == []
+    argv = qsd_argv("d.img", "s.sock")
+    bad = [a.replace(",discard=unmap", "") if a.startswith("driver=raw") else a for a in argv]
+    assert chain_without_discard(bad) == ["fmt0 (raw)"]
+    bad = [a.replace("discard=unmap", "discard=ignore") if a.startswith("driver=file") else a
+           for a in argv]
+    assert chain_without_discard(bad) == ["file0 (file)"]
+    with pytest.raises(ValueError):
+        chain_without_discard(["qemu-storage-daemon"])
+
+
+def _log_bytes(entries: list[tuple[int, int, int, bytes]], with_super: bool = True) -> bytes:
+    """A dm-log-writes log built by hand: (sector, nr_sectors, flags, data) per entry."""
+    out = bytearray(512)
+    if with_super:
+        struct.pack_into("<QQQI", out, 0, dmlog.MAGIC, 1, len(entries), 512)
+    for sector, nr, flags, data in entries:
+        entry = bytearray(512)
+        struct.pack_into("<QQQQ", entry, 0, sector, nr, flags, 0)
+        out += entry + data
+    return bytes(out) + bytes(512)
+
+
+def test_write_log_reader():
+    a, b = b"a" * 1024, b"b" * 512
+    raw = _log_bytes([(2, 2, 0, a), (0, 0, dmlog.FLUSH, b""), (4, 1, dmlog.FUA, b),
+                      (2, 1, dmlog.DISCARD, b"")])
+    log = dmlog.WriteLog(raw)
+    assert [str(e) for e in log.entries] == ["write(1024+1024)", "flush", "write(2048+512 fua)",
+                                             "discard(1024+512)"]
+    assert log.payload(log.entries[0]) == a and log.last_flush() == 1
+    assert log.replay(bytearray(4096)) == bytes(1024) + bytes(512) + b"a" * 512 + b + bytes(1536)
+    assert log.durable(4096) == bytes(1024) + a + bytes(2048)    # up to the flush only
+    assert [str(e) for e in log.since(3)] == ["discard(1024+512)"]
+    # before qemu first writes the super, the entries are there already
+    unsupered = dmlog.WriteLog(_log_bytes([(2, 2, 0, a)], with_super=False))
+    assert [str(e) for e in unsupered.entries] == ["write(1024+1024)"]
+    with pytest.raises(dmlog.LogError, match="not a dm-log-writes log"):
+        dmlog.WriteLog(b"x" * 1024)
+    with pytest.raises(dmlog.LogError, match="cut off"):
+        dmlog.WriteLog(raw[:512 + 512 + 100])
+    with pytest.raises(dmlog.LogError, match="counts 9 entries"):
+        dmlog.WriteLog(bytes(struct.pack("<QQQI", dmlog.MAGIC, 1, 9, 512)).ljust(1024, b"\0"))
+
+
+def test_verified_worker_records_any_exception():
+    class Broken(VerifiedWorker):
+        def connect(self):
+            raise RuntimeError("not an nbd.Error")
+
+    w = Broken("/nonexistent.sock", 0, 8192)
+    w.run()
+    assert w.errors and "RuntimeError: not an nbd.Error" in w.errors[0], w.errors
+    w.verify_all()
+    assert len(w.errors) == 2 and "RuntimeError" in w.errors[1], w.errors
+
+
+def test_missing_tools_fail_naming_the_package():
+    with pytest.raises(pytest.fail.Exception, match="apt-get install vblk-no-such-package"):
+        need_program("vblk-no-such-program", "vblk-no-such-package")
+    with pytest.raises(pytest.fail.Exception, match="python3-vblk-nothing"):
+        need_module("vblk_no_such_module", "python3-vblk-nothing")
+    assert need_program("nbdkit", "nbdkit").endswith("/nbdkit")

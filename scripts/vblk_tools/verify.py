@@ -19,8 +19,9 @@ EXACT, OLD_OR_ZERO, ANY = 0, 1, 2   # what a block of the model may read back as
 class VerifiedWorker:
     """Model-checked I/O on one NBD connection over the region [base, base+size): up to
     ``depth`` aio requests in flight, never two overlapping, every read compared with an
-    in-memory model (a trimmed block may read as before or as zeroes; a write that failed
-    leaves its blocks unknown).  Errors are counted, never raised; ``run()`` returns at
+    in-memory model (a trimmed block reads as zeroes with ``trim_zeroes``, the case of
+    qemu-storage-daemon with discard=unmap on a file, else as before or as zeroes; a write that
+    failed leaves its blocks unknown).  Errors are counted, never raised; ``run()`` returns at
     ``stop`` (set or after ``max_ops``) once everything in flight has completed.
 
     ``mix`` weights of "read", "write", "zero", "trim", "flush".
@@ -29,7 +30,8 @@ class VerifiedWorker:
     def __init__(self, nbd_socket: str, base: int, size: int, *, depth: int = 8, seed: int = 0,
                  block: int = 4096, max_blocks: int = 16, mix: dict | None = None,
                  stop: threading.Event | None = None, max_ops: int | None = None,
-                 stall_timeout: float = 60.0, name: str = "worker") -> None:
+                 stall_timeout: float = 60.0, name: str = "worker",
+                 trim_zeroes: bool = False) -> None:
         assert base % block == 0 and size % block == 0 and size >= block
         self.nbd_socket = nbd_socket
         self.base, self.size, self.block = base, size, block
@@ -40,6 +42,7 @@ class VerifiedWorker:
         self.stop = stop or threading.Event()
         self.max_ops = max_ops
         self.stall_timeout = stall_timeout
+        self.trim_zeroes = trim_zeroes
         self.name = name
         self.model = bytearray(size)               # sparse images read as zeroes
         self.state = bytearray(size // block)      # EXACT / OLD_OR_ZERO / ANY per block
@@ -156,6 +159,9 @@ class VerifiedWorker:
             self._mark(off, n, EXACT)
             self.bytes_written += n
         elif kind == "zero":
+            self.model[off:off + n] = bytes(n)
+            self._mark(off, n, EXACT)
+        elif kind == "trim" and self.trim_zeroes:
             self.model[off:off + n] = bytes(n)
             self._mark(off, n, EXACT)
         elif kind == "trim":
