@@ -152,7 +152,6 @@ def test_kill_and_restart_under_verified_load(procs, request):
     assert len(resubmitted) == KILLS, server.log_text()[-3000:]
     assert sum(resubmitted) > 0, "no request was in flight at any kill: the test proved little"
     image = backend.read_image()
-    assert len(image) == 4 * STRIDE
     for w in workers:
         assert w.image_mismatch(image) is None, w.image_mismatch(image)
     for i in range(4):
