@@ -262,8 +262,10 @@ def kernel_deb(cache: str, refresh: bool = False) -> str:
     os.makedirs(debdir, exist_ok=True)
     if os_release().get("VERSION_ID") == "12":
         return archive_kernel_deb(debdir, refresh)
-    # Debian 13 and later: the host's own kernel package has vDPA (checked after unpacking).
-    return str(build_guest.kernel_deb(cache))
+    # Debian 13 and later: the host's own kernel package has vDPA (checked after unpacking); the
+    # default cache shares the .deb with build_guest.py's guest (tests/vm/.cache/debs).
+    return str(build_guest.kernel_deb(build_guest.DEFAULT_CACHE if cache == DEFAULT_CACHE
+                                      else cache))
 
 
 def check_kernel_config(config_path: str) -> None:
