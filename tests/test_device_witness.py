@@ -275,7 +275,8 @@ COMMANDS: list[tuple[str, Callable[[Any], object], list[str]]] = [
 ]
 
 
-@pytest.mark.parametrize("what,command,expected", COMMANDS, ids=[c[0] for c in COMMANDS])
+@pytest.mark.parametrize("what,command,expected", COMMANDS,
+                         ids=[c[0].replace(" ", "-") for c in COMMANDS])
 def test_each_nbd_command_becomes_exactly_these_device_requests(fake_stack, what, command,
                                                                 expected):
     fake, _server, h = fake_stack
