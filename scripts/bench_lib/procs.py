@@ -52,6 +52,25 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def context_switches(pid):
+    """Voluntary + involuntary context switches of all threads of pid (a wake-up count);
+    None if gone."""
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                for line in f:
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass   # a thread that just ended
+    return total
+
+
 def num_threads(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:

@@ -27,6 +27,8 @@ def aggregate(runs, servers, workloads):
                    for role in roles}
             util = {role: _med([r["cpu"][role].get("cpu_util") for r in ok if role in r["cpu"]])
                     for role in roles}
+            cswch = {role: _med([r["cpu"][role].get("cswch_per_req") for r in ok
+                                 if role in r["cpu"]]) for role in roles}
             hwm = {role: max([r["rss_kib"][role]["vmhwm"] or 0 for r in ok]) for role in roles}
             sampled = {role: max([r["rss_kib"][role]["sampled_peak"] or 0 for r in ok])
                        for role in roles}
@@ -37,7 +39,7 @@ def aggregate(runs, servers, workloads):
                 "mbps_median": _med([r["mbps"] for r in ok]),
                 "lat_p50_us_median": _med([_lat(r, "clat_p50_us") for r in ok]),
                 "lat_p99_us_median": _med([_lat(r, "clat_p99_us") for r in ok]),
-                "cpu_us_per_req": cpu, "cpu_util": util,
+                "cpu_us_per_req": cpu, "cpu_util": util, "cswch_per_req": cswch,
                 "vmhwm_kib_max": hwm, "sampled_rss_kib_max": sampled,
             }
     return summary
@@ -176,6 +178,18 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
               "over the steady-state window, divided by requests completed. For vblk the "
               "qemu-storage-daemon behind it is in the next table.", "",
               _table(["server"] + [w.label for w in workloads], rows), ""]
+    rows = []
+    for s in servers:
+        cells = []
+        for w in workloads:
+            c = summary[s][w.name].get("cswch_per_req") or {}
+            parts = ["%s %.2f" % (role, v) for role, v in sorted(c.items()) if v is not None]
+            cells.append(", ".join(parts) or "–")
+        rows.append(["`%s`" % s] + cells)
+    lines += ["## Context switches per request (median; a count of sleeps and wake-ups)", "",
+              "Voluntary + involuntary switches of all threads of each server process over the "
+              "steady-state window, divided by requests completed (`rt`'s device process is "
+              "not counted).", "", _table(["server"] + [w.label for w in workloads], rows), ""]
     vblk = [s for s in servers if s.startswith("vblk-")]
     if vblk:
         rows = []

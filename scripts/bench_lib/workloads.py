@@ -101,6 +101,7 @@ def _snapshot(pids, fio_pids):
     busy, steal = procs.system_ticks()
     return {"t": time.monotonic(), "busy": busy, "steal": steal,
             "server": {r: procs.cpu_ticks(pid) for r, pid in pids.items()},
+            "cswch": {r: procs.context_switches(pid) for r, pid in pids.items()},
             "fio": {p: procs.cpu_ticks(p) for p in fio_pids}}
 
 
@@ -190,6 +191,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
             util = ticks / procs.CLK_TCK / wall
             c.update(ticks_window=ticks, wall_window_s=wall, cpu_util=util,
                      us_per_req=util / f["iops"] * 1e6 if f["iops"] else None)
+            cs_a, cs_b = win_a["cswch"][r], win_b["cswch"][r]
+            if cs_a is not None and cs_b is not None and f["iops"]:
+                c["cswch_per_req"] = (cs_b - cs_a) / wall / f["iops"]
         else:
             # fio finished early: fall back to whole-run ticks over fio's completed I/Os
             if c["ticks_total"] is not None and f["total_ios"]:
