@@ -50,13 +50,18 @@ class QsdDaemon(Qsd):
         return self
 
 
+_checked = 0     # how many of harness.history daemons_discard_unmap has judged
+
+
 @pytest.fixture(autouse=True)
 def daemons_discard_unmap() -> Iterator[None]:
-    """Every qemu-storage-daemon started (through the harness) during the test had
-    discard=unmap on every node of its export's chain."""
-    first = len(harness.history)
+    """Every qemu-storage-daemon started through the harness since the last check (during the
+    test, or by a module fixture before it) had discard=unmap on every node of its export's
+    chain."""
+    global _checked
     yield
-    for argv in harness.history[first:]:
+    new, _checked = harness.history[_checked:], len(harness.history)
+    for argv in new:
         if any(os.path.basename(a) == QSD for a in argv):
             missing = chain_without_discard(argv)
             assert not missing, (f"a daemon was started without discard=unmap on "
