@@ -12,11 +12,14 @@ scenario:
 ``vfio``  the test's image is a virtio-blk-pci device behind the guest's intel-iommu; it is
           unbound from virtio-pci and bound to vfio-pci; nbdkit serves it with ``pci=ADDR``.
           Optionally a second disk behind qemu-storage-daemon for the driver-only comparison.
+``script`` for investigations by hand: ``run(plan, procs, share, res)`` from plan["script"]
+          (a path the guest sees, e.g. /tmp/share/x.py).
 
 Then the same client checks (``nbd_checks``): libnbd from several connections at once, nbdcopy
-in and out, flush/trim/zero, the stats file; and a driver-only measurement through vblk_core
-alone.  The host verifies the image byte for byte against ``expected_image(plan)`` after QEMU
-has exited.  Standard library, libnbd's Python binding and vblk_core only.
+in and out, flush/trim/zero, the stats file; vblk_core alone with every used ring wrapping
+twice (``ring_wrap_check``, data checked); and a driver-only measurement (``driver_bench``).
+The host verifies the image byte for byte against ``expected_image(plan)`` after QEMU has
+exited.  Standard library, libnbd's Python binding and vblk_core only.
 """
 
 from __future__ import annotations
