@@ -57,8 +57,8 @@ def test_layout_invariants(n, req_type):
     # avail ring: flags, idx, ring[n], used_event -> 2 * (3 + n) bytes; used starts after it
     avail_end = lay.avail_offset + 2 * (3 + n)
     assert lay.used_offset >= avail_end
-    assert lay.used_offset % 4 == 0
-    assert lay.used_offset - avail_end < 4          # no more padding than alignment needs
+    assert lay.used_offset % 8 == 4                 # flags+idx, then 8-aligned elements
+    assert lay.used_offset - avail_end < 8          # no more padding than alignment needs
     # used ring: flags, idx, ring[n] of 8 bytes, avail_event -> 6 + 8n bytes
     used_end = lay.used_offset + 6 + 8 * n
     assert lay.req_offset >= used_end
@@ -75,6 +75,19 @@ def test_layout_invariants(n, req_type):
 
 
 @pytest.mark.parametrize("n", QUEUE_SIZES)
+def test_used_elements_never_straddle_a_page(n):
+    """Every 8-byte used element of every queue is 8-aligned, so none crosses a 4 KiB page
+    (QEMU's virtio-pci device behind an IOMMU writes such an element to the wrong address)."""
+    lay = VirtqueueLayout.new(8, n, VirtioBlkReqSlot)
+    for q in range(8):
+        first = q * lay.end_offset + lay.used_offset + 4
+        for i in range(n):
+            start = first + 8 * i
+            assert start % 8 == 0
+            assert start // 4096 == (start + 7) // 4096
+
+
+@pytest.mark.parametrize("n", QUEUE_SIZES)
 def test_req_slots_are_aligned_in_every_queue(n):
     lay = VirtqueueLayout.new(4, n, OddAligned8)
     for q in range(4):
@@ -85,10 +98,11 @@ def test_req_slots_are_aligned_in_every_queue(n):
 
 
 def test_layout_known_values():
-    # queue size 256 with the real slot: 4096 + 518 -> used at 4616, 6 + 2048 -> 6670 -> 6672
+    # queue size 256 with the real slot: 4096 + 518 = 4614 -> used at 4620 (4 mod 8),
+    # 4620 + 6 + 2048 = 6674 -> slots at 6680
     lay = VirtqueueLayout.new(1, 256, VirtioBlkReqSlot)
-    assert (lay.avail_offset, lay.used_offset, lay.req_offset) == (4096, 4616, 6672)
-    assert lay.end_offset == align_up(6672 + 256 * ctypes.sizeof(VirtioBlkReqSlot), 16)
+    assert (lay.avail_offset, lay.used_offset, lay.req_offset) == (4096, 4620, 6680)
+    assert lay.end_offset == align_up(6680 + 256 * ctypes.sizeof(VirtioBlkReqSlot), 16)
     # queue size 2, one-byte slots: desc 32, avail 10 -> 42 -> used 44, used 22 -> 66, end 80
     lay = VirtqueueLayout.new(1, 2, OneByte)
     assert (lay.avail_offset, lay.used_offset, lay.req_offset, lay.end_offset) == (32, 44, 66, 80)

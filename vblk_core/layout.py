@@ -5,6 +5,7 @@ One queue occupies ``end_offset`` bytes:
     0             descriptor table   16 bytes x queue_size
     avail_offset  available ring     flags, idx, ring[queue_size], used_event  (u16 each)
     used_offset   used ring          flags, idx, ring[queue_size] {u32 id, u32 len}, avail_event
+                                     (at 4 mod 8: every 8-byte element is 8-aligned)
     req_offset    per-request data   one ``req_type`` slot per descriptor (header + status)
     end_offset    next queue         (multiple of 16, so queue i starts at i * end_offset)
 """
@@ -49,7 +50,11 @@ class VirtqueueLayout:
         used_ring_size = 2 * 3 + 8 * queue_size
         req_size = ctypes.sizeof(req_type)
         avail_offset = desc_table_size
-        used_offset = align_up(avail_offset + avail_ring_size, 4)
+        # The spec asks 4-byte alignment of the used ring; we put it at 4 mod 8 so that each
+        # 8-byte used element (after the 4-byte flags+idx) is 8-aligned and never straddles a
+        # page.  QEMU's virtio-pci device writes an element that crosses an IOMMU page
+        # boundary to the wrong address (its len is lost: a read looks short).
+        used_offset = align_up(avail_offset + avail_ring_size + 4, 8) - 4
         req_offset = align_up(used_offset + used_ring_size, ctypes.alignment(req_type))
         end_offset = align_up(req_offset + req_size * queue_size, 16)
         return VirtqueueLayout(num_queues, queue_size, avail_offset, used_offset,
