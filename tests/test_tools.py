@@ -276,3 +276,21 @@ def test_missing_tools_fail_naming_the_package():
     with pytest.raises(pytest.fail.Exception, match="python3-vblk-nothing"):
         need_module("vblk_no_such_module", "python3-vblk-nothing")
     assert need_program("nbdkit", "nbdkit").endswith("/nbdkit")
+
+
+def test_nbdkit_started_once_in_a_with_block(tmp_path):
+    """``with kit.start():`` runs one nbdkit (a second start would orphan the first), and a
+    start of a running one is refused."""
+    qsd = Qsd(tmp_path, size=MiB).start()
+    kit = Nbdkit(tmp_path, [f"socket={qsd.socket}"])
+    try:
+        with kit.start():
+            first = kit.pid
+            assert kit.pid == first and kit.running
+            with pytest.raises(HarnessError, match="already running"):
+                kit.start()
+            assert kit.pid == first
+        assert not kit.running
+    finally:
+        kit.cleanup()
+        qsd.cleanup()

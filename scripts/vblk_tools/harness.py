@@ -443,7 +443,10 @@ class Nbdkit:
         return cmd + self.nbdkit_args + plugin + self.keys
 
     def launch(self) -> subprocess.Popen[bytes]:
-        """Start nbdkit without waiting for it (e.g. when it is expected to refuse)."""
+        """Start nbdkit without waiting for it (e.g. when it is expected to refuse).  Raises
+        HarnessError if this one is still running (a second one would orphan it)."""
+        if self.running:
+            raise HarnessError(f"nbdkit {self.name} already running (pid {self.pid})")
         try:
             os.unlink(self.socket)
         except FileNotFoundError:
@@ -524,7 +527,8 @@ class Nbdkit:
             self._own_dir = None
 
     def __enter__(self) -> Self:
-        return self.start()
+        # ``with kit:`` starts it; ``with kit.start():`` must not start a second nbdkit
+        return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
