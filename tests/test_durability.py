@@ -60,6 +60,7 @@ class Load:
         self.writes: list[Write] = []
         self.durable_before = 0
         self.flushes_done = 0
+        self.flushes_in_flight = 0
         self.flushing = True          # cleared for the last phase: FUA writes only
         self.stop = threading.Event()
         self.errors: list[str] = []
@@ -97,8 +98,12 @@ class Load:
         try:
             while not self.stop.is_set():
                 while len(pending) < self.depth:
-                    if self.flushing and rng.random() < 0.06:
-                        submitted = next(self.events)
+                    with self.lock:     # (no flush can start once ``flushing`` is cleared)
+                        flush = self.flushing and rng.random() < 0.06
+                        if flush:
+                            submitted = next(self.events)
+                            self.flushes_in_flight += 1
+                    if flush:
                         pending[h.aio_flush()] = ("flush", submitted, None)
                         continue
                     w = self._next_write(rng)
@@ -120,6 +125,7 @@ class Load:
                         with self.lock:
                             self.durable_before = max(self.durable_before, what)
                             self.flushes_done += 1
+                            self.flushes_in_flight -= 1
         except nbd.Error:
             pass       # nbdkit was killed: the requests in flight get no reply
         except BaseException as e:  # noqa: BLE001 - reported by the test
@@ -146,10 +152,15 @@ def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(tmp_path):
         load.wait("100 writes covered by a completed flush, and 3 flushes",
                   lambda: load.flushes_done >= 3 and len(
                       [w for w in load.acked() if w.acked < load.durable_before]) >= 100)
-        load.flushing = False
-        load.wait("FUA writes after the last flush",
-                  lambda: len(load.acked(fua=True, after=load.durable_before)) >= 4
-                  and len(load.acked(fua=False, after=load.durable_before)) >= 4)
+        # The last phase: no more flushes.  Once none is in flight, only FUA can make a write
+        # stable: the FUA writes acknowledged after that are what judges FUA.
+        with load.lock:
+            load.flushing = False
+        load.wait("the last flush to complete", lambda: load.flushes_in_flight == 0)
+        quiet = next(load.events)
+        load.wait("writes after the last flush",
+                  lambda: len(load.acked(fua=True, after=quiet)) >= 4
+                  and len(load.acked(fua=False, after=quiet)) >= 4)
         assert backend.pid is not None
         # Freeze the daemon, then kill nbdkit: what the device has then is what it keeps
         # (nothing the daemon might flush when its front-end goes away counts).
@@ -175,8 +186,9 @@ def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(tmp_path):
     replayed = log.replay(bytearray(SIZE))
     durable = log.durable(SIZE)
     flushed = [w for w in load.acked() if w.acked is not None and w.acked < bound]
-    fua_after = load.acked(fua=True, after=bound)
-    assert len(flushed) >= 100 and fua_after, (len(flushed), len(fua_after))
+    fua_after = load.acked(fua=True, after=quiet)
+    assert bound < quiet and len(flushed) >= 100 and len(fua_after) >= 4, \
+        (bound, quiet, len(flushed), len(fua_after))
     for what, writes in [("acknowledged before the last completed flush", flushed),
                          ("acknowledged FUA", load.acked(fua=True))]:
         lost = [w for w in writes if durable[w.offset:w.offset + len(w.data)] != w.data]
