@@ -126,7 +126,8 @@ def after_fork():
                                   num_queues=cfg.num_queues, queue_size=cfg.queue_size,
                                   bounce_buffers=cfg.bounce_buffers,
                                   request_timeout=cfg.request_timeout,
-                                  reconnect_timeout=cfg.reconnect_timeout)
+                                  reconnect_timeout=cfg.reconnect_timeout,
+                                  spin_seconds=cfg.spin_us / 1e6)
     except VblkError as e:
         _stop_daemon()
         key = next(k for k in DEVICE_KEYS if getattr(cfg, k))

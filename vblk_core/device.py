@@ -148,7 +148,7 @@ class BlockDevice:
         self._rings = [Virtqueue(region.view, i * layout.end_offset, layout, region.base_addr,
                                  8, event_idx) for i in range(num_queues)]
         self._queues = [QueueRunner(i, ring, config.size_max, self._dispatch.queue_broken,
-                                    self.spin_seconds)
+                                    self.spin_seconds, self._lone_request)
                         for i, ring in enumerate(self._rings)]
         self._dispatch.queues = self._queues
 
@@ -179,6 +179,10 @@ class BlockDevice:
             raise
         for q in self._queues:
             q.start()
+
+    def _lone_request(self) -> bool:
+        """Exactly one request in flight on the whole device (a spin may then pay off)."""
+        return sum(q.stats.depth for q in self._queues) == 1
 
     def detach(self) -> list[BlockRequest]:
         survivors: list[BlockRequest] = []

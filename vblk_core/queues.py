@@ -60,11 +60,15 @@ class QueueRunner:
     """
 
     def __init__(self, index: int, vq: Virtqueue, size_max: int,
-                 on_broken: Callable[[str, int], None], spin_seconds: float = 0.0) -> None:
+                 on_broken: Callable[[str, int], None], spin_seconds: float = 0.0,
+                 lone: Callable[[], bool] | None = None) -> None:
         self.index = index
         self.vq = vq
         self.size_max = size_max
         self.spin_ns = int(spin_seconds * 1e9)
+        # Whether a request of ours is the only one in flight on the whole device (default:
+        # on this queue): only then is nobody else waiting for the GIL or the CPU.
+        self._lone = lone or (lambda: self.stats.depth == 1)
         self.on_broken = on_broken
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
@@ -295,16 +299,17 @@ class QueueRunner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if self.spin_ns and self.stats.depth == 1 and self._spin():
+            if self.spin_ns and self._lone() and self._spin():
                 continue
             poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
             if eventfd_clear_holding_gil(call_fd):
                 self.stats.calls += 1
 
     def _spin(self) -> bool:
-        """A lone request (depth 1, so nobody else wants the GIL or the CPU for another
-        request) watches the used ring for spin_ns before sleeping: a completion seen here
-        costs no wake-up.  True if one arrived."""
+        """A lone request (nobody else wants the GIL or the CPU for another request) watches
+        the used ring for spin_ns before sleeping: a completion seen here costs no wake-up
+        (and, with the threads on different CPUs, no cross-CPU wake-up latency).  True if one
+        arrived."""
         has_used, now = self.vq.has_used, time.perf_counter_ns
         end = now() + self.spin_ns
         while now() < end:

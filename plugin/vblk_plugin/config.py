@@ -38,6 +38,8 @@ KEYS = {
                          "(default 30; 0 = fail at once)",
     "request-timeout": "SECONDS a request may take before the device counts as hung "
                        "(default 30)",
+    "spin": "MICROSECONDS a lone request watches the used ring before sleeping "
+            "(default 0: off)",
     "callers": "at most N nbdkit threads inside the device at once, the rest wait without "
                "contending for the GIL (default 4; 0 = no limit)",
     "placement": "CPUs of nbdkit's threads and the private daemon: split, none or "
@@ -87,6 +89,7 @@ class PluginConfig:
     reconnect_timeout: float = 30.0
     request_timeout: float = 30.0
     callers: int = DEFAULT_CALLERS
+    spin_us: int = 0
     placement: placement_mod.Placement = field(
         default_factory=lambda: placement_mod.resolve(placement_mod.DEFAULT))
     seen: set[str] = field(default_factory=set)
@@ -135,6 +138,8 @@ class PluginConfig:
             self.reconnect_timeout = _parse_seconds(key, value, True)
         elif key == "request-timeout":
             self.request_timeout = _parse_seconds(key, value, False)
+        elif key == "spin":
+            self.spin_us = _parse_int(key, value, 0, 10000)
         elif key == "callers":
             self.callers = _parse_int(key, value, 0, 1024)
         elif key == "placement":
