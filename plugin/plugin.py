@@ -34,7 +34,6 @@ for _path in (_HERE, os.path.dirname(_HERE)):
         sys.path.insert(0, _path)
 
 from vblk_core import BlockDevice, VblkError  # noqa: E402
-from vblk_plugin.admission import Admission  # noqa: E402
 from vblk_plugin.config import DEVICE_KEYS, PluginConfig, connector, probe_device  # noqa: E402
 from vblk_plugin.daemon import ManagedDaemon  # noqa: E402
 from vblk_plugin.placement import pin_process  # noqa: E402
@@ -44,7 +43,6 @@ API_VERSION = 2
 MAX_REQUEST = 64 * 1024 * 1024  # nbdkit's own limit on one NBD request
 
 cfg = PluginConfig()
-admitted = Admission(0)   # replaced in after_fork by callers=
 device = None
 daemon = None
 stats = None
@@ -110,10 +108,9 @@ def config_complete():
 def after_fork():
     # nbdkit forks (when it daemonizes) after get_ready: threads, the device session and the
     # managed daemon must all belong to the final process.
-    global device, daemon, stats, admitted
+    global device, daemon, stats
     try:
         socket_path = None
-        admitted = Admission(cfg.callers)
         if cfg.placement.nbdkit is not None:
             # Every thread nbdkit has now; the ones it starts later inherit the affinity.
             pin_process(os.getpid(), cfg.placement.nbdkit)
@@ -218,44 +215,39 @@ def can_cache(h):
 
 def pread(h, buf, offset, flags):
     try:
-        with admitted:
-            device.pread(buf, offset)
+        device.pread(buf, offset)
     except VblkError as e:
         _fail(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
-        with admitted:
-            device.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+        device.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except VblkError as e:
         _fail(e)
 
 
 def flush(h, flags):
     try:
-        with admitted:
-            device.flush()
+        device.flush()
     except VblkError as e:
         _fail(e)
 
 
 def trim(h, count, offset, flags):
     try:
-        with admitted:
-            device.discard(offset, count)
-            if flags & nbdkit.FLAG_FUA:
-                device.flush()
+        device.discard(offset, count)
+        if flags & nbdkit.FLAG_FUA:
+            device.flush()
     except VblkError as e:
         _fail(e)
 
 
 def zero(h, count, offset, flags):
     try:
-        with admitted:
-            device.write_zeroes(offset, count, unmap=bool(flags & nbdkit.FLAG_MAY_TRIM),
-                                fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
-            if flags & nbdkit.FLAG_FUA:
-                device.flush()
+        device.write_zeroes(offset, count, unmap=bool(flags & nbdkit.FLAG_MAY_TRIM),
+                            fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
+        if flags & nbdkit.FLAG_FUA:
+            device.flush()
     except VblkError as e:
         _fail(e)

@@ -62,7 +62,7 @@ def test_keys_documented():
     assert set(KEYS) == {"socket", "image", "vdpa", "pci", "format", "aio", "num-queues",
                          "queue-size",
                          "bounce-buffers", "stats", "reconnect-timeout", "request-timeout",
-                         "placement", "callers", "spin"}
+                         "placement", "spin"}
     assert all(KEYS[k].strip() for k in KEYS)
 
 

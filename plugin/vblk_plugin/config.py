@@ -15,7 +15,6 @@ from vblk_core.transport import Connector
 from vblk_core.virtio_blk import queue_size_problem
 
 from . import placement as placement_mod
-from .admission import DEFAULT_CALLERS
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
@@ -38,10 +37,8 @@ KEYS = {
                          "(default 30; 0 = fail at once)",
     "request-timeout": "SECONDS a request may take before the device counts as hung "
                        "(default 30)",
-    "spin": "MICROSECONDS a lone request watches the used ring before sleeping "
-            "(default 0: off)",
-    "callers": "at most N nbdkit threads inside the device at once, the rest wait without "
-               "contending for the GIL (default 4; 0 = no limit)",
+    "spin": "MICROSECONDS a request alone on the device watches the used ring before "
+            "sleeping (default 50; 0 = off)",
     "placement": "CPUs of nbdkit's threads and the private daemon: split, none or "
                  "NBDKIT_CPUS/DAEMON_CPUS (default split)",
 }
@@ -88,8 +85,7 @@ class PluginConfig:
     stats: str | None = None
     reconnect_timeout: float = 30.0
     request_timeout: float = 30.0
-    callers: int = DEFAULT_CALLERS
-    spin_us: int = 0
+    spin_us: int = 50
     placement: placement_mod.Placement = field(
         default_factory=lambda: placement_mod.resolve(placement_mod.DEFAULT))
     seen: set[str] = field(default_factory=set)
@@ -140,8 +136,6 @@ class PluginConfig:
             self.request_timeout = _parse_seconds(key, value, False)
         elif key == "spin":
             self.spin_us = _parse_int(key, value, 0, 10000)
-        elif key == "callers":
-            self.callers = _parse_int(key, value, 0, 1024)
         elif key == "placement":
             self.placement = placement_mod.resolve(value)
 
