@@ -74,15 +74,26 @@ def test_vhost_vdpa_in_guest(tmp_path, capsys):
         disks=[transport_guest.Disk(str(image), slot=4, serial="vblk-image",
                                     num_queues=QUEUES)],
         progress=print)
+    judge_run(tmp_path, image, sr, seed, QUEUES, "bench-vdpa.md", t0)
+
+
+def judge_run(tmp_path: Path, image: Path, sr, seed: str, queues: int, bench_name: str,
+              t0: float) -> None:
+    """What both transport guest tests assert once the guest is off: it reported success, the
+    host's checks of the image pass, and the driver-only comparison was written (kept in
+    tmp_path as ``bench_name`` and printed)."""
     run = sr.run
     print(f"guest: {run.result_line}; /init after {run.boot_seconds}s, powered off after "
           f"{run.seconds:.1f}s")
     assert run.ok and sr.results.get("ok"), f"the guest did not report success\n{sr.explain()}"
     assert not run.timed_out and run.returncode == 0, sr.explain()
-    problems = transport_guest.host_checks(str(tmp_path), str(image), sr, seed, QUEUES)
+    problems = transport_guest.host_checks(str(tmp_path), str(image), sr, seed, queues)
+    used = sr.results.get("queues_used", [])
+    if len(used) < queues:
+        print(f"note: {queues} queues, requests on {used}")
     bench = Path(sr.share) / "bench.md"
     if bench.exists():
-        shutil.copy(bench, tmp_path / "bench-vdpa.md")
+        shutil.copy(bench, tmp_path / bench_name)
         print(bench.read_text())
     print(f"whole test: {time.monotonic() - t0:.1f}s")
     assert not problems, "\n".join(problems)

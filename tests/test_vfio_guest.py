@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
-from test_vdpa_guest import build_guest_or_fail, transport_checks, transport_guest
+from test_vdpa_guest import build_guest_or_fail, judge_run, transport_checks, transport_guest
 
 QUEUES = 4
 SLOT = 4                       # the function under test: 0000:00:04.0
@@ -57,19 +55,4 @@ def test_vfio_pci_in_guest(tmp_path, capsys):
                                     iommu_platform=True),
                transport_guest.Disk(str(bench_image), BENCH_SLOT, "vblk-bench",
                                     num_queues=BENCH_QUEUES)])
-    run = sr.run
-    print(f"guest: {run.result_line}; /init after {run.boot_seconds}s, powered off after "
-          f"{run.seconds:.1f}s")
-    assert run.ok and sr.results.get("ok"), f"the guest did not report success\n{sr.explain()}"
-    assert not run.timed_out and run.returncode == 0, sr.explain()
-    problems = transport_guest.host_checks(str(tmp_path), str(image), sr, seed, QUEUES)
-    used = sr.results.get("queues_used", [])
-    if len(used) < QUEUES:
-        print(f"note: {QUEUES} queues, requests on {used}")
-    bench = Path(sr.share) / "bench.md"
-    if bench.exists():
-        shutil.copy(bench, tmp_path / "bench-vfio.md")
-        print(bench.read_text())
-    print(f"whole test: {time.monotonic() - t0:.1f}s")
-    assert not problems, "\n".join(problems)
-    assert bench.exists(), "the guest wrote no bench.md"
+    judge_run(tmp_path, image, sr, seed, QUEUES, "bench-vfio.md", t0)

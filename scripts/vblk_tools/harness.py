@@ -236,7 +236,26 @@ def nbd_uri(socket: PathLike) -> str:
 
 # --- qemu-storage-daemon -------------------------------------------------------------------
 
-class Qsd:
+class _ServerProcess:
+    """What Qsd and Nbdkit share: a process serving on a unix socket."""
+
+    socket: str
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def uri(self) -> str:
+        return nbd_uri(self.socket)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Qsd(_ServerProcess):
     """qemu-storage-daemon serving an image on a unix socket (vhost-user-blk, or NBD with
     ``export="nbd"``); killable and restartable on the same socket and image.
 
@@ -293,18 +312,6 @@ class Qsd:
         rest), then qsd_argv's."""
         return self.prefix + qsd_argv(image if image is not None else self.image, self.socket,
                                       **self.options)
-
-    @property
-    def uri(self) -> str:
-        return nbd_uri(self.socket)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 15.0, image: PathLike | None = None) -> Self:
         """Start (again) and wait until the socket accepts a connection.  ``image`` serves
@@ -378,7 +385,7 @@ class Qsd:
 
 # --- nbdkit --------------------------------------------------------------------------------
 
-class Nbdkit:
+class Nbdkit(_ServerProcess):
     """``nbdkit -f -U SOCK [-r] [-t N] [ARGS] PLUGIN KEY=VALUE...``.
 
     ``plugin``: a Python plugin's path (default plugin/plugin.py: vblk) or a C plugin's name
@@ -420,18 +427,6 @@ class Nbdkit:
         self.death_signal = death_signal
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
-
-    @property
-    def uri(self) -> str:
-        return nbd_uri(self.socket)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def command(self) -> list[str]:
         cmd = [NBDKIT, "-f", "-U", self.socket]

@@ -372,20 +372,31 @@ def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False) -> dict:
         return _ensure_guest(cache, force)
 
 
+def cached_guest(cache: str, key: str) -> dict | None:
+    """The metadata of the guest built in ``cache`` if it was built from inputs ``key`` and
+    its kernel and initramfs are still there, else None."""
+    meta_path = os.path.join(cache, "guest.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    initramfs = os.path.join(cache, "initramfs.cpio")
+    if (meta.get("key") == key and os.path.exists(os.path.join(cache, "vmlinux"))
+            and os.path.exists(initramfs)
+            and os.path.getsize(initramfs) == meta.get("initramfs_size")):
+        return dict(meta)
+    return None
+
+
 def _ensure_guest(cache: str, force: bool) -> dict:
     meta_path = os.path.join(cache, "guest.json")
     vmlinux = os.path.join(cache, "vmlinux")
     initramfs = os.path.join(cache, "initramfs.cpio")
     key = input_key()
-    if not force and os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            meta = {}
-        if (meta.get("key") == key and os.path.exists(vmlinux) and os.path.exists(initramfs)
-                and os.path.getsize(initramfs) == meta.get("initramfs_size")):
-            return meta
+    meta = None if force else cached_guest(cache, key)
+    if meta is not None:
+        return meta
 
     t0 = time.monotonic()
     log(f"building the test guest in {cache}")

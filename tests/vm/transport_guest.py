@@ -344,15 +344,9 @@ def _ensure_guest(cache: str, force: bool, refresh: bool) -> dict:
     initramfs = os.path.join(cache, "initramfs.cpio")
     deb = kernel_deb(cache, refresh)
     key = input_key(deb)
-    if not force and os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            meta = {}
-        if (meta.get("key") == key and os.path.exists(vmlinux) and os.path.exists(initramfs)
-                and os.path.getsize(initramfs) == meta.get("initramfs_size")):
-            return meta
+    cached = None if force else build_guest.cached_guest(cache, key)
+    if cached is not None:
+        return cached
     t0 = time.monotonic()
     log(f"building the transport guest in {cache}")
     for path in (meta_path, initramfs):
