@@ -1,13 +1,16 @@
 """Several requests in flight for one caller: a transfer split into pieces, or a ranged
 discard / write-zeroes split at the device's limit.  Every request that was submitted is
-waited for, even after an error, and the first error is raised at the end."""
+waited for, even after an error, and the first error is raised at the end.  And the data
+path itself: a caller's buffer moved through bounce buffers in the shared region."""
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 
+from .errors import RequestError
 from .memory import BouncePool
 from .request import BlockRequest
+from .virtio_blk import SECTOR_SIZE, RequestType
 
 
 def _nothing(ok: bool) -> None:
@@ -80,3 +83,49 @@ class BouncedPiece:
                     self.view[self.boff:self.boff + self.length]
         finally:
             self.pool.release(self.index)
+
+
+def bounced_transfer(mv: memoryview, offset: int, is_read: bool, view: memoryview,
+                     pool: BouncePool, step: int, timeout: float,
+                     run: Callable[[BlockRequest], None],
+                     submit: Callable[[BlockRequest], None],
+                     wait: Callable[[BlockRequest], None]) -> None:
+    """Move ``mv`` to (``is_read`` False) or from the device at byte ``offset`` through
+    bounce buffers of ``pool`` (in the shared region ``view``), in requests of at most
+    ``step`` bytes, several in flight.  Raises the first request's error."""
+    req_type = RequestType.IN if is_read else RequestType.OUT
+    total = len(mv)
+    if total <= step:
+        # Fast path: one request, one bounce buffer.
+        index = pool.acquire(timeout)  # tries the lock-free path first
+        try:
+            boff = pool.offset_of(index)
+            if not is_read:
+                view[boff:boff + total] = mv
+            run(BlockRequest(req_type, offset // SECTOR_SIZE, pool.addr_of(index), total,
+                             is_read))
+            if is_read:
+                mv[:] = view[boff:boff + total]
+        finally:
+            pool.release(index)
+        return
+    batch = Batch(submit, wait)
+    for pos in range(0, total, step):
+        if batch.error is not None:
+            break
+        length = min(step, total - pos)
+        free = pool.try_acquire()
+        while free is None and batch.finish_oldest():
+            free = pool.try_acquire()
+        try:
+            index = pool.acquire(timeout) if free is None else free
+        except RequestError as e:
+            batch.record(e)
+            break
+        boff = pool.offset_of(index)
+        if not is_read:
+            view[boff:boff + length] = mv[pos:pos + length]
+        req = BlockRequest(req_type, (offset + pos) // SECTOR_SIZE, pool.addr_of(index),
+                           length, is_read)
+        batch.submit(req, BouncedPiece(mv, pos, view, boff, length, is_read, pool, index))
+    batch.finish()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from .batch import Batch, BouncedPiece
+from .batch import Batch, bounced_transfer
 from .device_info import DeviceInfo, identify
 from .dispatch import Dispatcher
 from .errors import ConfigError, DeviceChanged, DeviceError, RequestError
@@ -291,46 +291,9 @@ class BlockDevice:
         region, pool = self._region, self._pool
         if region is None or pool is None:  # closed (or never connected)
             raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
-        region_view = region.view
-        req_type = RequestType.IN if is_read else RequestType.OUT
-        step = self.max_transfer
-        total = len(mv)
-        if total <= step:
-            # Fast path: one request, one bounce buffer.
-            index = pool.acquire(self.request_timeout)  # tries the lock-free path first
-            try:
-                boff = pool.offset_of(index)
-                if not is_read:
-                    region_view[boff:boff + total] = mv
-                req = BlockRequest(req_type, offset // SECTOR_SIZE, pool.addr_of(index), total,
-                                   is_read)
-                self._run(req)
-                if is_read:
-                    mv[:] = region_view[boff:boff + total]
-            finally:
-                pool.release(index)
-            return
-        batch = Batch(self._dispatch.submit, self._dispatch.wait)
-        for pos in range(0, total, step):
-            if batch.error is not None:
-                break
-            length = min(step, total - pos)
-            free = pool.try_acquire()
-            while free is None and batch.finish_oldest():
-                free = pool.try_acquire()
-            try:
-                index = pool.acquire(self.request_timeout) if free is None else free
-            except RequestError as e:
-                batch.record(e)
-                break
-            boff = pool.offset_of(index)
-            if not is_read:
-                region_view[boff:boff + length] = mv[pos:pos + length]
-            req = BlockRequest(req_type, (offset + pos) // SECTOR_SIZE, pool.addr_of(index),
-                               length, is_read)
-            batch.submit(req, BouncedPiece(mv, pos, region_view, boff, length, is_read, pool,
-                                           index))
-        batch.finish()
+        dispatch = self._dispatch
+        bounced_transfer(mv, offset, is_read, region.view, pool, self.max_transfer,
+                         self.request_timeout, dispatch.run, dispatch.submit, dispatch.wait)
 
     def pread(self, buf: Any, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``.

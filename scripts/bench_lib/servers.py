@@ -294,6 +294,8 @@ def catalogue(opts):
                             cpus={"nbdkit": "0", "device": "1"}, fio_cpus="1"))
     specs.append(ServerSpec("blkio", "blkio", "nbdkit's blkio plugin (C, libblkio) over the "
                             "same qemu-storage-daemon vhost-user-blk export", aio=None))
+    specs.append(ServerSpec("blkio-io_uring", "blkio", "nbdkit's blkio plugin over the daemon's "
+                            "vhost-user-blk export, aio=io_uring", aio="io_uring"))
     specs.append(ServerSpec("floor-serialized", "floor",
                             "benchmarks/floor_plugin.py, os.preadv/os.pwrite, "
                             "THREAD_MODEL_SERIALIZE_ALL_REQUESTS",
