@@ -311,7 +311,7 @@ def _aio_run(h, jobs, depth):
                 pending.discard(cookie)
 
 
-# nbdkit's default thread count, and -t 4 as scripts/serve runs it
+# nbdkit's default thread count (as scripts/serve runs it), and -t 4
 THREADS = [pytest.param((), id="default-threads"), pytest.param(("-t", "4"), id="t4")]
 
 
