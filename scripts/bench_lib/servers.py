@@ -253,9 +253,9 @@ def catalogue(opts):
     specs = []
 
     def vblk(name, aio, desc, threads=opts.vblk_threads, queues=opts.vblk_queues,
-             extra=(), cpus=None, fio_cpus=None):
+             extra=(), cpus=None, fio_cpus=None, path=None):
         specs.append(ServerSpec(name, "vblk", desc, nbdkit_threads=threads, aio=aio,
-                                queues=queues, plugin=plugin,
+                                queues=queues, plugin=path or plugin,
                                 plugin_args=list(opts.vblk_arg) + list(extra),
                                 env=vblk_env, stats=opts.vblk_stats, cpus=dict(cpus or {}),
                                 fio_cpus=fio_cpus))
@@ -268,10 +268,12 @@ def catalogue(opts):
         if not sep or not name:
             raise ValueError("--vblk-variant wants NAME:KEY=VAL,..., got %r" % v)
         aio, threads, queues, extra = None, opts.vblk_threads, opts.vblk_queues, []
-        cpus, fio_cpus = {}, None
+        cpus, fio_cpus, path = {}, None, None
         for item in filter(None, body.split(",")):
             k, val = _parse_kv(item)
-            if k in ("qsd-cpus", "nbdkit-cpus"):     # pinned from outside, e.g. qsd-cpus=1
+            if k == "plugin-path":      # another checkout's plugin (and its vblk_core)
+                path = os.path.abspath(val)
+            elif k in ("qsd-cpus", "nbdkit-cpus"):     # pinned from outside, e.g. qsd-cpus=1
                 cpus[k.split("-")[0]] = val.replace(";", ",")
             elif k == "fio-cpus":
                 fio_cpus = val.replace(";", ",")
@@ -284,7 +286,8 @@ def catalogue(opts):
             else:
                 extra.append("%s=%s" % (k, val))
         vblk("vblk-" + name, aio, "vblk variant %s (%s)" % (name, body or "defaults"),
-             threads=threads, queues=queues, extra=extra, cpus=cpus, fio_cpus=fio_cpus)
+             threads=threads, queues=queues, extra=extra, cpus=cpus, fio_cpus=fio_cpus,
+             path=path)
     # The round-trip ceiling (benchmarks/rt_plugin.py + rt_device.c), -t 4 as measured, and
     # pinned: nbdkit on CPU 0, the device and fio on CPU 1.
     specs.append(ServerSpec("rt", "rt", "round-trip ceiling: Python plugin + C device over "
