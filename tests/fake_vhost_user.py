@@ -708,24 +708,28 @@ class FakeVhostUserBlk:
                 vr.broken = True
                 break
             entries = self._process(index, vr, head, fault)
-            for e in entries:
-                self._push_used(vr, *e)
+            jump = fault == "used_idx_jump"
+            for done_head, length in entries:
+                # With the jump, the entries and the jump appear in one store of the index:
+                # a driver never sees the good entry alone (it would complete it and race).
+                self._push_used(vr, done_head, length, publish=not jump)
             if entries:
                 vr.last_completion = entries[0]
-            if fault == "used_idx_jump":
+            if jump:
                 self._inject("used_idx_jump")
                 vr.used_idx = (vr.used_idx + 1000) & 0xFFFF
                 uw[used_idx_w] = vr.used_idx
         if vr.used_idx != old_used:
             self._signal(vr, old_used, event_idx)
 
-    def _push_used(self, vr: _Vring, head: int, length: int) -> None:
+    def _push_used(self, vr: _Vring, head: int, length: int, publish: bool = True) -> None:
         assert vr.addr is not None, "only called on a set-up ring"
         _d, (ureg, uoff), _a = vr.addr
         USED_ELEM.pack_into(ureg.view, uoff + 4 + 8 * (vr.used_idx % vr.num), head, length)
         vr.used_idx = (vr.used_idx + 1) & 0xFFFF
-        # x86 keeps stores in order: the entry is visible before the index that exposes it
-        ureg.words[(uoff + 2) // 2] = vr.used_idx
+        if publish:
+            # x86 keeps stores in order: the entry is visible before the index exposing it
+            ureg.words[(uoff + 2) // 2] = vr.used_idx
         self.completed += 1
 
     def _signal(self, vr: _Vring, old_used: int, event_idx: bool) -> None:

@@ -248,11 +248,32 @@ def _small_tmpfs_prefix(mountpoint: Path, size: str, image_size: int) -> list[st
     namespace clears the one set before it)."""
     unshare = need_program("unshare", "util-linux")
     setpriv = need_program("setpriv", "util-linux")
-    flags = "-m" if os.geteuid() == 0 else "-Urm"
+    flags = ["-m"] if os.geteuid() == 0 else ["-Urm"]
+    if not _propagates(mountpoint):
+        # unshare makes every mount private by default, which the kernel refuses where / is
+        # not a mount point (a chroot, as in a fresh debootstrap root); where the mount that
+        # holds the mountpoint propagates nowhere anyway, leaving propagation alone is safe.
+        flags += ["--propagation", "unchanged"]
     script = ('mount -t tmpfs -o size="$1" vblk-full "$0" && truncate -s "$2" "$0/disk.img" '
               f'&& shift 2 && exec {setpriv} --pdeathsig=KILL -- "$@"')
-    return [unshare, flags, "--", "sh", "-c", script, os.fspath(mountpoint), size,
+    return [unshare, *flags, "--", "sh", "-c", script, os.fspath(mountpoint), size,
             str(image_size)]
+
+
+def _propagates(path: Path) -> bool:
+    """Whether the mount holding ``path`` is shared (a mount below it would appear in other
+    mount namespaces too), from /proc/self/mountinfo; True when in doubt."""
+    target = os.path.realpath(path)
+    best: tuple[int, bool] | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4]
+            optional = fields[6:fields.index("-")]
+            if target == mnt or target.startswith(mnt.rstrip("/") + "/"):
+                if best is None or len(mnt) > best[0]:
+                    best = (len(mnt), any(o.startswith("shared:") for o in optional))
+    return True if best is None else best[1]
 
 
 def _write(h: Any, data: bytes, offset: int, timeout: float = 20.0) -> str | None:

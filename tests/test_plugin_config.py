@@ -293,7 +293,8 @@ def test_fuzz_any_key_value_is_accepted_or_config_error(pairs):
     except ConfigError as e:
         assert str(e).strip()
     else:
-        assert bool(c.socket) != bool(c.image), "complete() accepted no/both devices"
+        devices = [c.socket, c.image, c.vdpa, c.pci]
+        assert sum(map(bool, devices)) == 1, "complete() accepted no device, or several"
 
 
 @pytest.mark.parametrize("key", ["socket", "image", "stats"])
