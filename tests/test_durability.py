@@ -262,7 +262,9 @@ def _small_tmpfs_prefix(mountpoint: Path, size: str, image_size: int) -> list[st
 
 def _propagates(path: Path) -> bool:
     """Whether the mount holding ``path`` is shared (a mount below it would appear in other
-    mount namespaces too), from /proc/self/mountinfo; True when in doubt."""
+    mount namespaces too), from /proc/self/mountinfo.  No visible holding mount means a chroot
+    whose root is no mount point: a namespace of its own, as fresh-machine.sh makes (and where
+    unshare's default, making / private, is refused anyway)."""
     target = os.path.realpath(path)
     best: tuple[int, bool] | None = None
     with open("/proc/self/mountinfo") as f:
@@ -273,7 +275,7 @@ def _propagates(path: Path) -> bool:
             if target == mnt or target.startswith(mnt.rstrip("/") + "/"):
                 if best is None or len(mnt) > best[0]:
                     best = (len(mnt), any(o.startswith("shared:") for o in optional))
-    return True if best is None else best[1]
+    return False if best is None else best[1]
 
 
 def _write(h: Any, data: bytes, offset: int, timeout: float = 20.0) -> str | None:
