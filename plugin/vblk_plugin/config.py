@@ -158,39 +158,23 @@ class PluginConfig:
                 if key in self.seen:
                     raise ConfigError(f"{key}= only applies with image=, not {given[0]}=")
         if self.vdpa:
-            try:
-                st = os.stat(self.vdpa)
-            except FileNotFoundError:
-                raise ConfigError(f"vdpa={self.vdpa} does not exist: list the vDPA devices "
-                                  "with `vdpa dev show` and `ls /dev/vhost-vdpa-*` (the "
-                                  "vhost_vdpa module must be loaded)") from None
-            except OSError as e:
-                raise ConfigError(f"vdpa={self.vdpa}: {e.strerror}") from None
+            st = _stat_key("vdpa", self.vdpa, "list the vDPA devices with `vdpa dev show` and "
+                           "`ls /dev/vhost-vdpa-*` (the vhost_vdpa module must be loaded)")
             if not stat.S_ISCHR(st.st_mode):
                 raise ConfigError(f"vdpa={self.vdpa} is not a character device: give "
                                   "/dev/vhost-vdpa-N")
         if self.pci and not os.path.isdir(f"/sys/bus/pci/devices/{self.pci}"):
             raise ConfigError(f"pci={self.pci}: no such PCI device: list them with lspci -D")
         if self.socket:
-            try:
-                st = os.stat(self.socket)
-            except FileNotFoundError:
-                raise ConfigError(f"socket={self.socket} does not exist: start the back-end "
-                                  "first, e.g. qemu-storage-daemon --export "
-                                  "type=vhost-user-blk,addr.type=unix,addr.path=...") from None
-            except OSError as e:
-                raise ConfigError(f"socket={self.socket}: {e.strerror}") from None
+            st = _stat_key("socket", self.socket, "start the back-end first, e.g. "
+                           "qemu-storage-daemon --export "
+                           "type=vhost-user-blk,addr.type=unix,addr.path=...")
             if not stat.S_ISSOCK(st.st_mode):
                 raise ConfigError(f"socket={self.socket} is not a unix socket: point it at the "
                                   "vhost-user-blk back-end's socket")
         if self.image:
-            try:
-                st = os.stat(self.image)
-            except FileNotFoundError:
-                raise ConfigError(f"image={self.image} does not exist: create it first, e.g. "
-                                  f"truncate -s 1G {self.image}") from None
-            except OSError as e:
-                raise ConfigError(f"image={self.image}: {e.strerror}") from None
+            st = _stat_key("image", self.image,
+                           f"create it first, e.g. truncate -s 1G {self.image}")
             if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
                 raise ConfigError(f"image={self.image} is not a regular file or block device")
             if stat.S_ISREG(st.st_mode) and st.st_size == 0:
@@ -200,6 +184,17 @@ class PluginConfig:
             parent = os.path.dirname(self.stats)
             if not os.path.isdir(parent):
                 raise ConfigError(f"stats={self.stats}: directory {parent} does not exist")
+
+
+def _stat_key(key: str, path: str, fix_if_missing: str) -> os.stat_result:
+    """os.stat of the path given as ``key=``.  Raises ConfigError naming the key: with
+    ``fix_if_missing`` if the path does not exist, else with the system's reason."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}={path} does not exist: {fix_if_missing}") from None
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: {e.strerror}") from None
 
 
 class DeviceOffer(Protocol):
