@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from vblk_plugin.placement import parse_cpu_list, pin_process
 from vblk_tools import harness
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -134,25 +135,12 @@ def eprint(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def parse_cpus(text):
-    """'0', '1-3', '0,2' -> a set of CPU numbers."""
-    cpus = set()
-    for part in filter(None, text.split(",")):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
 def pin(pid, cpus):
-    """Pin every thread of ``pid`` and of its descendants to ``cpus`` (a set).  Threads created
-    later inherit the affinity of the thread that creates them."""
+    """Pin every thread of ``pid`` and of its descendants to ``cpus`` (a CPU list such as
+    "0-1"), as the plugin's placement= pins its own process."""
+    cpu_set = parse_cpu_list(cpus)
     for p in tree_pids(pid):
         try:
-            tids = os.listdir("/proc/%d/task" % p)
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.sched_setaffinity(int(tid), cpus)
-            except OSError:
-                pass
+            pin_process(p, cpu_set)
+        except FileNotFoundError:
+            pass   # a descendant that just ended

@@ -99,7 +99,7 @@ def _start(run, role, server, timeout):
         raise StartError(str(e)) from None
     cpus = run.spec.cpus.get(role)
     if cpus:
-        procs.pin(server.pid, procs.parse_cpus(cpus))
+        procs.pin(server.pid, cpus)
     return server
 
 
