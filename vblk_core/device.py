@@ -280,20 +280,17 @@ class BlockDevice:
 
     def _transfer(self, mv: memoryview, offset: int, is_read: bool) -> None:
         """Move ``mv`` to/from the device in bounce-buffer-sized requests, several in flight."""
-        try:
-            self._move(mv, offset, is_read)
-        except ValueError:
-            if self._region is None:  # closed under our feet: the memory view is gone
-                raise RequestError("the device was closed", errno.EIO) from None
-            raise
-
-    def _move(self, mv: memoryview, offset: int, is_read: bool) -> None:
         region, pool = self._region, self._pool
         if region is None or pool is None:  # closed (or never connected)
             raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
         dispatch = self._dispatch
-        bounced_transfer(mv, offset, is_read, region.view, pool, self.max_transfer,
-                         self.request_timeout, dispatch.run, dispatch.submit, dispatch.wait)
+        try:
+            bounced_transfer(mv, offset, is_read, region.view, pool, self.max_transfer,
+                             self.request_timeout, dispatch.run, dispatch.submit, dispatch.wait)
+        except ValueError:
+            if self._region is None:  # closed under our feet: the memory view is gone
+                raise RequestError("the device was closed", errno.EIO) from None
+            raise
 
     def pread(self, buf: Any, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``.
