@@ -1,6 +1,7 @@
-"""A fake /dev/vhost-vdpa-N for unit tests: the system-call surface of vblk_core.vhost_vdpa
-(``DeviceOps``: open, ioctl, write, close), behaving as drivers/vhost/vdpa.c does where the
-driver depends on it, and serving the rings with fake_ring_device's BlkEmulator once DRIVER_OK.
+"""A fake /dev/vhost-vdpa-N for unit tests: the system-call surface of
+vblk_core.transports.vhost_vdpa (``DeviceOps``: open, ioctl, write, close), behaving as
+drivers/vhost/vdpa.c does where the driver depends on it, and serving the rings with
+fake_ring_device's BlkEmulator once DRIVER_OK.
 
 Written from linux/vhost.h and the kernel's documented behaviour, independently of the driver:
 ioctl numbers are computed here, not imported.  Knobs: ``fail`` (ioctl name -> errno),

@@ -1,7 +1,7 @@
 """A fake VFIO stack with a virtio-blk PCI function behind it, for unit tests.
 
-``FakeVfio`` is the system-call surface of vblk_core.vfio (``VfioOps``: open, close, ioctl,
-mmap, munmap, pread, pwrite, and ``sysfs_root``) for /dev/vfio/vfio, /dev/vfio/GROUP and the
+``FakeVfio`` is the system-call surface of vblk_core.transports.vfio (``VfioOps``: open, close,
+ioctl, mmap, munmap, pread, pwrite, and ``sysfs_root``) for /dev/vfio/vfio, /dev/vfio/GROUP and the
 device fd, behaving as drivers/vfio does where the driver depends on it (argsz and capability
 chains, MSI-X enabled by the first SET_IRQS with a fixed vector count, no BAR access without
 Memory Space, exact UNMAP_DMA).  ``FakeBlkFunction`` is the PCI function: config space with

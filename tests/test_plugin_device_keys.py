@@ -7,8 +7,8 @@ import pytest
 
 from nbdkit_util import run_nbdkit_expect_failure, short_tmpdir
 from vblk_core.errors import ConfigError
-from vblk_core.vfio_pci import VfioPciConnector
-from vblk_core.vhost_vdpa import VhostVdpaConnector
+from vblk_core.transports.vfio_pci import VfioPciConnector
+from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
 from vblk_plugin.config import PluginConfig, connector, probe_device
 
 

@@ -34,12 +34,17 @@ from fake_vfio import (
     split_caps,
 )
 from vblk_core import BlockDevice, ConfigError, ConnectError, DeviceError
-from vblk_core import vfio as uapi
 from vblk_core.memory import SharedRegion
 from vblk_core.transport import MemoryMap
-from vblk_core.vfio_pci import VfioPciConnector, VfioPciTransport
+from vblk_core.transports import vfio as uapi
+from vblk_core.transports.vfio_pci import VfioPciConnector, VfioPciTransport
+from vblk_core.transports.virtio_pci import (
+    CfgType,
+    MappedWindow,
+    MmioKicker,
+    parse_config_space,
+)
 from vblk_core.virtio_blk import DRIVER_FEATURES
-from vblk_core.virtio_pci import CfgType, MappedWindow, MmioKicker, parse_config_space
 
 DISK = 4 << 20
 QEMU_BARS = {1: 0x1000, 4: 0x4000}

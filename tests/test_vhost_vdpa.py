@@ -14,7 +14,7 @@ import pytest
 from fake_ring_device import qsd_like_config
 from fake_vdpa import FakeVdpaDevice
 from vblk_core import BlockDevice, ConfigError, ConnectError, DeviceState, RequestError
-from vblk_core.vhost_vdpa import VhostVdpaConnector
+from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
 
 PATH = "/dev/vhost-vdpa-7"
 DISK = 4 << 20

@@ -1,7 +1,8 @@
 """vblk_core: a pure-Python multi-queue virtio-blk driver.
 
 Layers, each only calling downward: layout -> memory -> virtqueue -> virtio / virtio_blk ->
-transport (the interface; vhost_user, vhost_vdpa and vfio_pci implement it) -> device_info, request,
+transport (the interface; transports/ holds vhost_user, vhost_vdpa and vfio_pci, which
+implement it) -> device_info, request,
 queues, supervisor, dispatch, batch -> device (the multi-queue block device).
 """
 from .device import BlockDevice
@@ -21,9 +22,9 @@ from .errors import (
 from .layout import VirtqueueLayout
 from .supervisor import DeviceState
 from .transport import Connector, Transport
-from .vfio_pci import VfioPciConnector, VfioPciTransport
-from .vhost_user import VhostUserConnector, VhostUserTransport
-from .vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
+from .transports.vfio_pci import VfioPciConnector, VfioPciTransport
+from .transports.vhost_user import VhostUserConnector, VhostUserTransport
+from .transports.vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
 
 __all__ = ["BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
            "Connector", "Transport", "VhostUserConnector", "VhostUserTransport",

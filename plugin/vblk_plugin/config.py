@@ -227,10 +227,10 @@ def connector(cfg: PluginConfig, socket_path: str | None = None,
     """The driver's Connector for the configured device (``socket_path``: the private
     daemon's socket in image= mode)."""
     if cfg.vdpa:
-        from vblk_core.vhost_vdpa import VhostVdpaConnector
+        from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
         return VhostVdpaConnector(cfg.vdpa)
     if cfg.pci:
-        from vblk_core.vfio_pci import VfioPciConnector
+        from vblk_core.transports.vfio_pci import VfioPciConnector
         return VfioPciConnector(cfg.pci, timeout=timeout)
     from vblk_core import VhostUserConnector
     path = socket_path or cfg.socket

@@ -644,7 +644,7 @@ def open_vhost_user(path: str, queues: int) -> Callable[[], Any]:
 
 def open_vfio(addr: str, queues: int) -> Callable[[], Any]:
     from vblk_core import BlockDevice
-    from vblk_core.vfio_pci import (  # type: ignore[import-not-found,unused-ignore]
+    from vblk_core.transports.vfio_pci import (  # type: ignore[import-not-found,unused-ignore]
         VfioPciConnector,
     )
     return lambda: BlockDevice.open(VfioPciConnector(addr), num_queues=queues)

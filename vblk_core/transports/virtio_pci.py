@@ -17,7 +17,7 @@ import errno
 import struct
 from dataclasses import dataclass
 
-from .errors import ConnectError, DeviceError, TransportError
+from ..errors import ConnectError, DeviceError, TransportError
 from .vfio import VfioOps
 
 PCI_VENDOR_ID_VIRTIO = 0x1AF4

@@ -28,9 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import ConnectError, DeviceError, TransportError
-from .eventfd import eventfd_clear_holding_gil
-from .transport import Kicker, MemoryMap, Transport
+from ..errors import ConnectError, DeviceError, TransportError
+from ..eventfd import eventfd_clear_holding_gil
+from ..transport import Kicker, MemoryMap, Transport
+from ..virtio import DeviceStatus, VirtioFeature
 from .vfio import (
     VFIO_PCI_ERR_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
@@ -41,7 +42,6 @@ from .vfio import (
     VfioOps,
     normalize_pci_address,
 )
-from .virtio import DeviceStatus, VirtioFeature
 from .virtio_pci import (
     BLK_CONFIG_WIDTHS,
     PCI_COMMAND,

@@ -19,10 +19,10 @@ import os
 import struct
 from typing import Protocol
 
-from .errors import ConnectError, DeviceError, TransportError
-from .eventfd import EventfdKicker, eventfd_clear_holding_gil
-from .transport import Kicker, MemoryMap, Transport
-from .virtio import VIRTIO_ID_BLOCK, DeviceStatus, VirtioFeature
+from ..errors import ConnectError, DeviceError, TransportError
+from ..eventfd import EventfdKicker, eventfd_clear_holding_gil
+from ..transport import Kicker, MemoryMap, Transport
+from ..virtio import VIRTIO_ID_BLOCK, DeviceStatus, VirtioFeature
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:

@@ -18,10 +18,10 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from .errors import ConnectError, ControlTimeout, ProtocolError, TransportError
-from .eventfd import EventfdKicker
-from .transport import Kicker, MemoryMap, Transport
-from .virtio import VirtioFeature
+from ..errors import ConnectError, ControlTimeout, ProtocolError, TransportError
+from ..eventfd import EventfdKicker
+from ..transport import Kicker, MemoryMap, Transport
+from ..virtio import VirtioFeature
 
 
 class Request(enum.IntEnum):

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import ConfigError, ConnectError
+from ..errors import ConfigError, ConnectError
 
 
 def _io(n: int) -> int:
