@@ -471,7 +471,7 @@ def serve_queue(backend: FakeVhostBackend, index: int, ring: FakeRing, call_fd: 
                     break
             if answered:
                 os.eventfd_write(call_fd, 1)
-    except BaseException as e:  # surfaced by the tests through backend.errors
+    except BaseException as e:  # noqa: BLE001 - surfaced by the tests through backend.errors
         backend.errors.append(e)
     finally:
         os.close(call_fd)

@@ -24,7 +24,7 @@ length, discard/write-zeroes segments with their flags (UNMAP), descriptor count
 its completion is published: a test can assert which device requests an NBD command became.
 
     fake = FakeVhostUserBlk(tmp_path / "vu.sock", bytearray(4 << 20), num_queues=2).start()
-    dev = vblk_core.BlockDevice(fake.path, ...)
+    dev = vblk_core.BlockDevice.open(vblk_core.VhostUserConnector(fake.path), ...)
     ...
     dev.close(); fake.stop()
 

@@ -255,7 +255,7 @@ def test_concurrent_mixed_io(qsd, device):
             buf = bytearray(region)
             device.pread(buf, base)
             assert buf == model, f"thread {t}: final read differs from the model"
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]

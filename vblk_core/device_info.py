@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .layout import MAX_QUEUE_SIZE
 from .transport import Connector, Transport
 from .virtio_blk import CONFIG_SIZE, DRIVER_FEATURES, BlkFeature, BlockConfig
 
@@ -28,7 +29,7 @@ class DeviceInfo:
     features: int
     config: BlockConfig
     max_queues: int
-    max_queue_size: int = 32768
+    max_queue_size: int = MAX_QUEUE_SIZE
 
     @property
     def identity(self) -> DeviceIdentity:

@@ -4,10 +4,10 @@ Every error carries an ``errno`` so the nbdkit adapter can pass it to the NBD cl
 
     VblkError
     ├── ConfigError          bad arguments or a configuration the device cannot satisfy
-    ├── TransportError       the vhost-user control connection failed
-    │   ├── ConnectError     could not connect / the handshake failed
-    │   ├── ProtocolError    the back-end sent something malformed
-    │   └── ControlTimeout   the back-end did not answer in time
+    ├── TransportError       reaching the device failed (its socket, device file or registers)
+    │   ├── ConnectError     could not open a session / the handshake failed
+    │   ├── ProtocolError    a vhost-user back-end sent something malformed
+    │   └── ControlTimeout   a vhost-user back-end did not answer in time
     ├── DeviceError          the device misbehaved (bad used ring, bad config, hung)
     │   └── RingError        it broke the split-ring protocol (carries what completed first)
     ├── DeviceChanged        after a reconnect it is not the same device (no retry helps)

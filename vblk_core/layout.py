@@ -15,6 +15,7 @@ import ctypes
 from dataclasses import dataclass
 
 DESC_SIZE = 16
+#: The largest split ring the virtio spec allows (2.7): the one definition of that limit.
 MAX_QUEUE_SIZE = 32768
 
 
@@ -37,8 +38,8 @@ class VirtqueueLayout:
     def new(num_queues: int, queue_size: int, req_type: type[ctypes.Structure]) -> VirtqueueLayout:
         """Compute the layout of ``num_queues`` queues of ``queue_size`` entries.
 
-        Raises ValueError("Invalid queue size") unless queue_size is a power of two in 1..32768,
-        and ValueError for num_queues < 1.
+        Raises ValueError("Invalid queue size") unless queue_size is a power of two in
+        1..MAX_QUEUE_SIZE, and ValueError for num_queues < 1.
         """
         if (not isinstance(queue_size, int) or queue_size <= 0 or queue_size > MAX_QUEUE_SIZE
                 or queue_size & (queue_size - 1)):

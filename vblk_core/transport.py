@@ -22,6 +22,8 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol
 
+from .layout import MAX_QUEUE_SIZE
+
 
 @dataclass(frozen=True)
 class MemoryMap:
@@ -62,8 +64,8 @@ class Transport(abc.ABC):
 
     @property
     def max_queue_size(self) -> int:
-        """Largest ring size the device accepts (32768 unless the device says less)."""
-        return 32768
+        """Largest ring size the device accepts (MAX_QUEUE_SIZE unless the device says less)."""
+        return MAX_QUEUE_SIZE
 
     @abc.abstractmethod
     def map_memory(self, memory: MemoryMap) -> int:

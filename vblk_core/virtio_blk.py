@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import DeviceError, RequestError
+from .layout import MAX_QUEUE_SIZE
 from .virtio import VirtioFeature
 
 SECTOR_SIZE = 512
@@ -204,7 +205,6 @@ class BlockConfig:
 
 #: A data request needs 3 descriptors (header, data, status), so smaller rings carry nothing.
 MIN_QUEUE_SIZE = 4
-MAX_QUEUE_SIZE = 32768
 
 
 def queue_size_problem(size: object) -> str | None:

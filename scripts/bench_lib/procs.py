@@ -100,7 +100,7 @@ def rss_kib(pid):
         return psutil.Process(pid).memory_info().rss // 1024
     except ImportError:
         pass
-    except Exception:
+    except Exception:  # noqa: BLE001 - the process is gone or not ours: no figure
         return None
     try:
         with open("/proc/%d/statm" % pid) as f:
@@ -123,7 +123,7 @@ def tree_pids(pid):
     try:
         import psutil
         return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except Exception:
+    except Exception:  # noqa: BLE001 - the process is gone or not ours: just pid
         return [pid]
 
 

@@ -133,7 +133,7 @@ def _dump():
     for name, p in profiles:
         try:
             p.create_stats()
-        except Exception as e:  # a profile still enabled on another thread
+        except Exception as e:  # noqa: BLE001 - a profile still enabled on another thread
             rows.append((0.0, "%s: cannot snapshot (%s)" % (name, e)))
             continue
         if not p.stats:

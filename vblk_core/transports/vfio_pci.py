@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 
 from ..errors import ConnectError, DeviceError, TransportError
 from ..eventfd import eventfd_clear_holding_gil
+from ..layout import MAX_QUEUE_SIZE
 from ..transport import Kicker, MemoryMap, Transport
 from ..virtio import DeviceStatus, VirtioFeature
 from .vfio import (
@@ -62,7 +63,6 @@ log = logging.getLogger("vblk")
 
 IOVA_ALIGN = 2 << 20
 CONFIG_READ_ATTEMPTS = 10
-MAX_QUEUE_SIZE = 32768
 def _feature_names(features: int) -> str:
     names = [f.name or "" for f in VirtioFeature if features & f]
     known = int(sum(VirtioFeature))

@@ -32,7 +32,6 @@ class Request(enum.IntEnum):
     SET_VRING_NUM = 8
     SET_VRING_ADDR = 9
     SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
     SET_VRING_KICK = 12
     SET_VRING_CALL = 13
     GET_PROTOCOL_FEATURES = 15
@@ -40,7 +39,6 @@ class Request(enum.IntEnum):
     GET_QUEUE_NUM = 17
     SET_VRING_ENABLE = 18
     GET_CONFIG = 24
-    SET_CONFIG = 25
 
 
 PROTOCOL_F_MQ = 0
@@ -297,9 +295,6 @@ class VhostUserTransport(Transport):
                 f"back-end GET_CONFIG reply is malformed (offset {r_off}, size {r_size}, "
                 f"{len(data)} data bytes, asked {size})"))
         return data
-
-    def set_config(self, offset: int, data: bytes) -> None:
-        self._command(Request.SET_CONFIG, CONFIG_HEADER.pack(offset, len(data), 0) + data)
 
     def set_mem_table(self, regions: list[MemoryRegion]) -> None:
         payload = VRING_STATE.pack(len(regions), 0) + b"".join(

@@ -76,7 +76,6 @@ _CONFIG_HEADER = struct.Struct("=II")    # off, len; then len bytes
 _MSG_V2 = struct.Struct("=II QQQBB 38x")
 assert _MSG_V2.size == 72
 
-_FEATURE_BITS_MAX = 1 << 64
 MAX_CONFIG_SIZE = 4096
 
 
