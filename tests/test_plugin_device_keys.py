@@ -21,7 +21,7 @@ def configured(**kv: str) -> PluginConfig:
 
 @pytest.mark.parametrize("given, normal", [
     ("0000:00:04.0", "0000:00:04.0"), ("00:04.0", "0000:00:04.0"),
-    ("0001:3A:1F.7", "0001:3a:1f.7"),
+    ("0001:3A:1F.7", "0001:3a:1f.7"), ("10000:e1:00.0", "10000:e1:00.0"),   # a VMD domain
 ])
 def test_pci_address_normalised(given, normal):
     assert configured(pci=given).pci == normal
@@ -32,6 +32,26 @@ def test_pci_address_normalised(given, normal):
 def test_pci_address_refused(bad):
     with pytest.raises(ConfigError, match="is not a PCI address.*lspci -D"):
         configured(pci=bad)
+
+
+@pytest.mark.parametrize("given", ["00:04.0", "0001:3A:1F.7", "10000:e1:00.0", " 00:04.0",
+                                   "0000:00:04.0\n", "000:00:04.0", "123456789:00:04.0"])
+def test_pci_addresses_follow_one_rule(given):
+    """pci= and the transport (what a library user gives VfioPciConnector) read an address
+    the same way."""
+    try:
+        plugin: str | Exception = configured(pci=given).pci or ""
+    except ConfigError as e:
+        plugin = e
+    try:
+        driver: str | Exception = VfioPciConnector(given).address
+    except ConfigError as e:
+        driver = e
+    if isinstance(plugin, str) or isinstance(driver, str):
+        assert plugin == driver
+    else:
+        assert str(plugin).startswith(f"pci={given!r} is not a PCI address")
+        assert str(driver).startswith(f"{given!r} is not a PCI address")
 
 
 def test_pci_device_must_exist():

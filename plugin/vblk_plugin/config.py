@@ -5,13 +5,13 @@ the keys for users (nbdkit's Python plugin has no per-plugin --help)."""
 from __future__ import annotations
 
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vblk_core.errors import ConfigError, VblkError
 from vblk_core.transport import Connector
+from vblk_core.transports.vfio import normalize_pci_address
 from vblk_core.virtio_blk import queue_size_problem
 
 from . import placement as placement_mod
@@ -20,7 +20,6 @@ from .qsd import AIO_MODES, FORMATS
 MAX_QUEUES = 64
 #: The keys that name the device; exactly one of them is given.
 DEVICE_KEYS = ("socket", "image", "vdpa", "pci")
-_PCI_ADDRESS = re.compile(r"^(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
 
 KEYS = {
     "socket": "PATH of a running vhost-user-blk back-end's unix socket",
@@ -99,11 +98,7 @@ class PluginConfig:
             raise ConfigError(f"{key}= given twice: give it once")
         self.seen.add(key)
         if key == "pci":
-            m = _PCI_ADDRESS.match(value.lower())
-            if not m:
-                raise ConfigError(f"pci={value!r} is not a PCI address: give domain:bus:slot."
-                                  "function as lspci -D prints it, e.g. pci=0000:00:04.0")
-            self.pci = f"{m.group(1) or '0000'}:{m.group(2)}:{m.group(3)}.{m.group(4)}"
+            self.pci = normalize_pci_address(value, key)
         elif key in ("socket", "image", "vdpa", "stats"):
             if not value:
                 raise ConfigError(f"{key}= needs a path")

@@ -15,7 +15,6 @@ ioctl is _IO(';', 100 + n), and every struct starts with ``argsz``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import re
@@ -24,10 +23,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ConfigError, ConnectError
+from .ioctl import IOC_NONE, OsFileOps, call, failure, ioc, name_ioctls
 
 
 def _io(n: int) -> int:
-    return ord(";") << 8 | (100 + n)
+    """_IO(VFIO_TYPE, VFIO_BASE + n): every VFIO ioctl."""
+    return ioc(IOC_NONE, ord(";"), 100 + n, 0)
 
 
 VFIO_GET_API_VERSION = _io(0)
@@ -43,7 +44,7 @@ VFIO_DEVICE_SET_IRQS = _io(10)
 VFIO_IOMMU_GET_INFO = _io(12)
 VFIO_IOMMU_MAP_DMA = _io(13)
 VFIO_IOMMU_UNMAP_DMA = _io(14)
-IOCTL_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("VFIO_")}
+name_ioctls(globals(), "VFIO_")
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
@@ -82,14 +83,19 @@ MAX_INFO_SIZE = 1 << 16
 Buffer = mmap.mmap | bytearray
 
 
+#: domain (4 to 8 hex digits, as sysfs names it; optional), bus, device (0-1f), function.
 _ADDRESS = re.compile(r"(?:([0-9a-f]{4,8}):)?([0-9a-f]{2}):([01][0-9a-f])\.([0-7])")
 
 
-def normalize_pci_address(address: str) -> str:
-    """"0000:00:04.0" from "00:04.0" or "0000:00:04.0"; ConfigError if it is neither."""
-    m = _ADDRESS.fullmatch(address.strip().lower())
+def normalize_pci_address(address: str, key: str = "") -> str:
+    """The sysfs name of a PCI function ("0000:00:04.0") from "0000:00:04.0" or "00:04.0"
+    (any case, nothing around it): the one rule for the plugin's pci= and this transport.
+    Raises ConfigError (naming ``key``=, if given) otherwise."""
+    m = _ADDRESS.fullmatch(address.lower())
     if not m:
-        raise ConfigError(f"{address!r} is not a PCI address (DDDD:BB:DD.F, as lspci -D shows)")
+        name = f"{key}=" if key else ""
+        raise ConfigError(f"{name}{address!r} is not a PCI address: give domain:bus:slot."
+                          f"function as lspci -D prints it, e.g. {name}0000:00:04.0")
     return f"{m[1] or '0000'}:{m[2]}:{m[3]}.{m[4]}"
 
 
@@ -114,23 +120,11 @@ class VfioOps(Protocol):
     def pwrite(self, fd: int, data: bytes, offset: int) -> int: ...
 
 
-class OsVfioOps:
-    """The real system calls.  A bytearray ioctl argument is updated in place (fcntl.ioctl
-    with a mutable buffer returns the ioctl's result; with bytes it would return a copy)."""
+class OsVfioOps(OsFileOps):
+    """The real system calls: OsFileOps's open, ioctl and close, and mmap, pread, pwrite."""
 
     def __init__(self, sysfs_root: str = "/sys") -> None:
         self.sysfs_root = sysfs_root
-
-    def open(self, path: str) -> int:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-    def ioctl(self, fd: int, request: int, arg: bytearray | int) -> int:
-        if isinstance(arg, int):
-            return int(fcntl.ioctl(fd, request, arg))
-        return int(fcntl.ioctl(fd, request, arg, True))
 
     def mmap(self, fd: int, length: int, offset: int) -> Buffer:
         return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -207,17 +201,10 @@ class VfioDevice:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def fail(self, step: str, e: OSError, fixes: dict[int, str] | None = None) -> ConnectError:
-        fix = (fixes or {}).get(e.errno or 0)
-        text = f"{self.target}: {step} failed: {e.strerror or e}" + (f": {fix}" if fix else "")
-        return ConnectError(text, e.errno or errno.EIO)
-
     def ioctl(self, fd: int, request: int, arg: bytearray | int,
               fixes: dict[int, str] | None = None) -> int:
-        try:
-            return self.ops.ioctl(fd, request, arg)
-        except OSError as e:
-            raise self.fail(IOCTL_NAMES.get(request, hex(request)), e, fixes) from None
+        """``ioctl.call`` on this device: ConnectError naming the request if it fails."""
+        return call(self.ops, fd, request, arg, self.target, fixes)
 
     def _info(self, fd: int, request: int, head: bytes, size: int) -> bytearray:
         """An *_INFO ioctl, grown once if the kernel says its capabilities need more room."""
@@ -268,7 +255,7 @@ class VfioDevice:
         try:
             return self.ops.open(path)
         except OSError as e:
-            raise self.fail(f"opening {path}", e, {
+            raise failure(self.target, f"opening {path}", e, {
                 errno.EACCES: "permission denied: run as root, or chown the file to the user "
                               "(and raise its locked-memory limit, ulimit -l)",
                 errno.EPERM: "permission denied: run as root",
@@ -402,14 +389,14 @@ class VfioDevice:
         try:
             return self.ops.pread(self.fd, length, region.offset + offset)
         except OSError as e:
-            raise self.fail("reading PCI config space", e) from None
+            raise failure(self.target, "reading PCI config space", e) from None
 
     def write_config(self, offset: int, data: bytes) -> None:
         region = self.regions[VFIO_PCI_CONFIG_REGION_INDEX]
         try:
             written = self.ops.pwrite(self.fd, data, region.offset + offset)
         except OSError as e:
-            raise self.fail("writing PCI config space", e) from None
+            raise failure(self.target, "writing PCI config space", e) from None
         if written != len(data):
             raise ConnectError(f"{self.target}: short write to PCI config space at {offset:#x}")
 

@@ -80,7 +80,7 @@ class VfioPciConnector:
         self.address = normalize_pci_address(pci_address)
         self.timeout = timeout
         self.ops = ops
-        self.target = f"vfio-pci device {self.address}"
+        self.target = VfioPciTransport.describe(self.address)
 
     def connect(self) -> VfioPciTransport:
         return VfioPciTransport(self.address, timeout=self.timeout, ops=self.ops)
@@ -94,7 +94,7 @@ class VfioPciTransport(Transport):
         """Open the function, check it, map its BARs, reset it, ACKNOWLEDGE|DRIVER.
         Raises ConnectError naming the step and the fix, DeviceError if it is malformed."""
         self.address = normalize_pci_address(pci_address)
-        self.target = f"vfio-pci device {self.address}"
+        self.target = self.describe(self.address)
         self.timeout = timeout
         self.ops: VfioOps = ops or OsVfioOps()
         self._lock = threading.Lock()
@@ -115,6 +115,12 @@ class VfioPciTransport(Transport):
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def describe(address: str) -> str:
+        """How messages name the function at ``address`` (normalized): the transport's and
+        its connector's ``target``."""
+        return f"vfio-pci device {address}"
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[None]:

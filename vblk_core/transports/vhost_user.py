@@ -89,7 +89,7 @@ class VhostUserConnector:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
-        self.target = f"vhost-user socket {path}"
+        self.target = VhostUserTransport.describe(path)
 
     def connect(self) -> VhostUserTransport:
         return VhostUserTransport(self.path, self.timeout)
@@ -107,7 +107,7 @@ class VhostUserTransport(Transport):
         Raises ConnectError naming the path if it does not exist or nobody listens.
         """
         self.path = path
-        self.target = f"vhost-user socket {path}"
+        self.target = self.describe(path)
         self.timeout = timeout
         self.state = SessionState.CONNECTING
         self.protocol_features = 0
@@ -129,6 +129,12 @@ class VhostUserTransport(Transport):
             self.state = SessionState.CLOSED
             raise ConnectError(f"cannot connect to vhost-user socket {path}: {e.strerror or e}",
                                e.errno or errno.EIO) from None
+
+    @staticmethod
+    def describe(path: str) -> str:
+        """How messages name the back-end at ``path`` (the transport's and its connector's
+        ``target``)."""
+        return f"vhost-user socket {path}"
 
     # --- framing -------------------------------------------------------------------------
 

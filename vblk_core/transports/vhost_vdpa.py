@@ -14,7 +14,6 @@ TransportError once running) naming the ioctl and, where there is one, the fix.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import struct
 from typing import Protocol
@@ -23,36 +22,30 @@ from ..errors import ConnectError, DeviceError, TransportError
 from ..eventfd import EventfdKicker, eventfd_clear_holding_gil
 from ..transport import Kicker, MemoryMap, Transport
 from ..virtio import VIRTIO_ID_BLOCK, DeviceStatus, VirtioFeature
+from .ioctl import IOC_NONE, IOC_READ, IOC_WRITE, OsFileOps, call, failure, ioc, name_ioctls
 
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return direction << 30 | size << 16 | 0xAF << 8 | nr
-
-
-_IO, _IOW, _IOR, _IOWR = 0, 1, 2, 3
-
-VHOST_GET_FEATURES = _ioc(_IOR, 0x00, 8)
-VHOST_SET_FEATURES = _ioc(_IOW, 0x00, 8)
-VHOST_SET_OWNER = _ioc(_IO, 0x01, 0)
-VHOST_SET_VRING_NUM = _ioc(_IOW, 0x10, 8)
-VHOST_SET_VRING_ADDR = _ioc(_IOW, 0x11, 40)
-VHOST_SET_VRING_BASE = _ioc(_IOW, 0x12, 8)
-VHOST_SET_VRING_KICK = _ioc(_IOW, 0x20, 8)
-VHOST_SET_VRING_CALL = _ioc(_IOW, 0x21, 8)
-VHOST_SET_BACKEND_FEATURES = _ioc(_IOW, 0x25, 8)
-VHOST_GET_BACKEND_FEATURES = _ioc(_IOR, 0x26, 8)
-VHOST_VDPA_GET_DEVICE_ID = _ioc(_IOR, 0x70, 4)
-VHOST_VDPA_GET_STATUS = _ioc(_IOR, 0x71, 1)
-VHOST_VDPA_SET_STATUS = _ioc(_IOW, 0x72, 1)
-VHOST_VDPA_GET_CONFIG = _ioc(_IOR, 0x73, 8)
-VHOST_VDPA_SET_VRING_ENABLE = _ioc(_IOW, 0x75, 8)
-VHOST_VDPA_GET_VRING_NUM = _ioc(_IOR, 0x76, 2)
-VHOST_VDPA_SET_CONFIG_CALL = _ioc(_IOW, 0x77, 4)
-VHOST_VDPA_GET_IOVA_RANGE = _ioc(_IOR, 0x78, 16)
-VHOST_VDPA_GET_CONFIG_SIZE = _ioc(_IOR, 0x79, 4)
-VHOST_VDPA_GET_VQS_COUNT = _ioc(_IOR, 0x80, 4)
-
-IOCTL_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("VHOST_")}
+VHOST_VIRTIO = 0xAF   # the ioctl type of linux/vhost.h
+VHOST_GET_FEATURES = ioc(IOC_READ, VHOST_VIRTIO, 0x00, 8)
+VHOST_SET_FEATURES = ioc(IOC_WRITE, VHOST_VIRTIO, 0x00, 8)
+VHOST_SET_OWNER = ioc(IOC_NONE, VHOST_VIRTIO, 0x01, 0)
+VHOST_SET_VRING_NUM = ioc(IOC_WRITE, VHOST_VIRTIO, 0x10, 8)
+VHOST_SET_VRING_ADDR = ioc(IOC_WRITE, VHOST_VIRTIO, 0x11, 40)
+VHOST_SET_VRING_BASE = ioc(IOC_WRITE, VHOST_VIRTIO, 0x12, 8)
+VHOST_SET_VRING_KICK = ioc(IOC_WRITE, VHOST_VIRTIO, 0x20, 8)
+VHOST_SET_VRING_CALL = ioc(IOC_WRITE, VHOST_VIRTIO, 0x21, 8)
+VHOST_SET_BACKEND_FEATURES = ioc(IOC_WRITE, VHOST_VIRTIO, 0x25, 8)
+VHOST_GET_BACKEND_FEATURES = ioc(IOC_READ, VHOST_VIRTIO, 0x26, 8)
+VHOST_VDPA_GET_DEVICE_ID = ioc(IOC_READ, VHOST_VIRTIO, 0x70, 4)
+VHOST_VDPA_GET_STATUS = ioc(IOC_READ, VHOST_VIRTIO, 0x71, 1)
+VHOST_VDPA_SET_STATUS = ioc(IOC_WRITE, VHOST_VIRTIO, 0x72, 1)
+VHOST_VDPA_GET_CONFIG = ioc(IOC_READ, VHOST_VIRTIO, 0x73, 8)
+VHOST_VDPA_SET_VRING_ENABLE = ioc(IOC_WRITE, VHOST_VIRTIO, 0x75, 8)
+VHOST_VDPA_GET_VRING_NUM = ioc(IOC_READ, VHOST_VIRTIO, 0x76, 2)
+VHOST_VDPA_SET_CONFIG_CALL = ioc(IOC_WRITE, VHOST_VIRTIO, 0x77, 4)
+VHOST_VDPA_GET_IOVA_RANGE = ioc(IOC_READ, VHOST_VIRTIO, 0x78, 16)
+VHOST_VDPA_GET_CONFIG_SIZE = ioc(IOC_READ, VHOST_VIRTIO, 0x79, 4)
+VHOST_VDPA_GET_VQS_COUNT = ioc(IOC_READ, VHOST_VIRTIO, 0x80, 4)
+name_ioctls(globals(), "VHOST_")
 
 # Backend feature bits (bit numbers, vhost_types.h).
 VHOST_BACKEND_F_IOTLB_MSG_V2 = 1
@@ -91,22 +84,11 @@ class DeviceOps(Protocol):
     def close(self, fd: int) -> None: ...
 
 
-class OsDeviceOps:
-    """The real thing: os.open / fcntl.ioctl (in place on a bytearray) / os.write."""
-
-    def open(self, path: str) -> int:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def ioctl(self, fd: int, request: int, arg: bytearray | int) -> int:
-        if isinstance(arg, int):
-            return int(fcntl.ioctl(fd, request, arg))
-        return int(fcntl.ioctl(fd, request, arg, True))
+class OsDeviceOps(OsFileOps):
+    """The real thing: OsFileOps's open, ioctl and close, and os.write."""
 
     def write(self, fd: int, data: bytes) -> int:
         return os.write(fd, data)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
 
 
 _FIXES = {
@@ -126,7 +108,7 @@ class VhostVdpaConnector:
     def __init__(self, path: str, ops: DeviceOps | None = None) -> None:
         self.path = path
         self.ops = ops or OsDeviceOps()
-        self.target = f"vhost-vdpa device {path}"
+        self.target = VhostVdpaTransport.describe(path)
 
     def connect(self) -> VhostVdpaTransport:
         return VhostVdpaTransport(self.path, self.ops)
@@ -139,7 +121,7 @@ class VhostVdpaTransport(Transport):
         """Open the device, take ownership, check it is a block device, reset it.
         Raises ConnectError naming the ioctl and the fix."""
         self.path = path
-        self.target = f"vhost-vdpa device {path}"
+        self.target = self.describe(path)
         self.ops = ops or OsDeviceOps()
         self._fd = -1
         self._running = False
@@ -150,8 +132,7 @@ class VhostVdpaTransport(Transport):
         try:
             self._fd = self.ops.open(path)
         except OSError as e:
-            raise ConnectError(f"{self.target}: cannot open it: {_fix(e)}",
-                               e.errno or errno.EIO) from None
+            raise failure(self.target, "open", e, _FIXES) from None
         try:
             self._ioctl(VHOST_SET_OWNER, 0)
             device_id = _U32.unpack(self._get(VHOST_VDPA_GET_DEVICE_ID, 4))[0]
@@ -180,15 +161,17 @@ class VhostVdpaTransport(Transport):
             raise ConnectError(f"{self.target} reports an empty IOVA range "
                                f"[{self._iova_range[0]:#x}, {self._iova_range[1]:#x}]")
 
+    @staticmethod
+    def describe(path: str) -> str:
+        """How messages name the device at ``path`` (the transport's and its connector's
+        ``target``)."""
+        return f"vhost-vdpa device {path}"
+
     # --- ioctls -----------------------------------------------------------------------------
 
     def _ioctl(self, request: int, arg: bytearray | int) -> None:
-        try:
-            self.ops.ioctl(self._fd, request, arg)
-        except OSError as e:
-            name = IOCTL_NAMES.get(request, hex(request))
-            cls = TransportError if self._running else ConnectError
-            raise cls(f"{self.target}: {name} failed: {_fix(e)}", e.errno or errno.EIO) from None
+        cls = TransportError if self._running else ConnectError
+        call(self.ops, self._fd, request, arg, self.target, _FIXES, cls)
 
     def _get(self, request: int, size: int) -> bytearray:
         buf = bytearray(size)
@@ -269,9 +252,7 @@ class VhostVdpaTransport(Transport):
         try:
             written = self.ops.write(self._fd, msg)
         except OSError as e:
-            raise ConnectError(f"{self.target}: IOTLB message {kind} failed: {_fix(e)} (the "
-                               "memory must be a shared memfd mapping)",
-                               e.errno or errno.EIO) from None
+            raise failure(self.target, f"IOTLB message {kind}", e, _FIXES) from None
         if written != len(msg):
             raise ConnectError(f"{self.target}: IOTLB message {kind}: short write "
                                f"({written} of {len(msg)} bytes)")
@@ -345,9 +326,3 @@ class VhostVdpaTransport(Transport):
             self._mapped = None
             self.ops.write(fd, _MSG_V2.pack(VHOST_IOTLB_MSG_V2, 0, iova, size, 0, 0,
                                             VHOST_IOTLB_INVALIDATE))
-
-
-def _fix(e: OSError) -> str:
-    text = e.strerror or str(e)
-    fix = _FIXES.get(e.errno or 0)
-    return f"{text}: {fix}" if fix else text
