@@ -9,9 +9,9 @@ import threading
 import pytest
 
 import vblk_core
-from conftest import pattern
 from device_util import open_device
 from vblk_core import ConfigError, ConnectError, RequestError
+from vblk_tools.patterns import pattern
 
 MiB = 1 << 20
 SIZE = 64 * MiB

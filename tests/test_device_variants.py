@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import need_module
 from device_util import open_device
 from fake_vhost_user import (
     F_CONFIG_WCE,
@@ -29,9 +29,9 @@ from fake_vhost_user import (
     QSD_FEATURES,
     FakeVhostUserBlk,
 )
-from nbdkit_util import need_module, short_tmpdir
-from reliability_util import Server, close_handle
 from vblk_core import RequestError
+from vblk_tools.harness import Nbdkit
+from vblk_tools.verify import close_handle
 
 nbd = need_module("nbd", "python3-libnbd")
 
@@ -94,8 +94,9 @@ class Served:
         self.model = bytearray(self.disk)
         self.fake = FakeVhostUserBlk(workdir / f"{name}.sock", self.disk, num_queues=2,
                                      **fake_options).start()
-        self.server = Server(workdir, self.fake.path, name=f"{name}-nbdkit",
-                             extra=list(keys), nbdkit_args=["-t", "4", *nbdkit_args])
+        self.server = Nbdkit(workdir, [f"socket={self.fake.path}", *keys],
+                             name=f"{name}-nbdkit", stats=True,
+                             nbdkit_args=["-t", "4", *nbdkit_args])
         self.server.start()
         self.h = self.server.connect(strict=False)
 
@@ -131,12 +132,11 @@ class Served:
 
 
 @pytest.fixture
-def served() -> Iterator[Callable[..., Served]]:
-    d = Path(short_tmpdir("vbv-"))
+def served(sockdir: Path) -> Iterator[Callable[..., Served]]:
     made: list[Served] = []
 
     def make(name: str, **kw: Any) -> Served:
-        s = Served(d, name, **kw)
+        s = Served(sockdir, name, **kw)
         made.append(s)
         return s
 
@@ -146,7 +146,6 @@ def served() -> Iterator[Callable[..., Served]]:
     for s in made:
         assert s.fake.violations == [], f"the driver broke the device's rules: " \
                                         f"{s.fake.violations[:5]}"
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _advertised(h: Any) -> dict[str, Any]:

@@ -27,10 +27,12 @@ from typing import Any
 
 import pytest
 
+from conftest import need_module
 from dmlog import WriteLog
 from fake_vhost_user import FakeVhostUserBlk
-from nbdkit_util import need_module, short_tmpdir
-from reliability_util import Backend, Server, close_handle
+from vblk_tools import harness
+from vblk_tools.harness import Nbdkit, Qsd
+from vblk_tools.verify import close_handle
 
 nbd = need_module("nbd", "python3-libnbd")
 
@@ -68,8 +70,8 @@ def _holes_within(path: Path, offset: int, length: int) -> bool:
 
 @dataclass
 class Stack:
-    backend: Backend
-    server: Server
+    backend: Qsd
+    server: Nbdkit
     h: Any
 
     @property
@@ -101,8 +103,9 @@ class Stack:
 def _stack(workdir: Path, name: str, write_log: bool) -> Iterator[Stack]:
     image = workdir / f"{name}.img"
     _allocated_image(image, SIZE, seed=len(name))
-    backend = Backend(workdir, name=name, image=image, num_queues=2, write_log=write_log)
-    server = Server(workdir, backend.socket, name=f"{name}-nbdkit", nbdkit_args=["-t", "4"])
+    backend = Qsd(workdir, name=name, image=image, num_queues=2, write_log=write_log)
+    server = Nbdkit(workdir, [f"socket={backend.socket}"], name=f"{name}-nbdkit",
+                    nbdkit_args=["-t", "4"])
     try:
         backend.start()
         server.start()
@@ -244,10 +247,10 @@ def test_zero_with_no_hole_punches_no_hole(plain, flags):
 # --- the fake back-end: its record of every request -------------------------------------------
 
 @pytest.fixture(scope="module")
-def fake_stack() -> Iterator[tuple[FakeVhostUserBlk, Server, Any]]:
-    d = Path(short_tmpdir("vbw-"))
+def fake_stack() -> Iterator[tuple[FakeVhostUserBlk, Nbdkit, Any]]:
+    d = harness.private_dir("vbw-")
     fake = FakeVhostUserBlk(d / "fake.sock", bytearray(64 * MiB), num_queues=2).start()
-    server = Server(d, fake.path, name="fake-nbdkit", nbdkit_args=["-t", "4"])
+    server = Nbdkit(d, [f"socket={fake.path}"], name="fake-nbdkit", nbdkit_args=["-t", "4"])
     try:
         server.start()
         h = server.connect()

@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
+from conftest import need_module, need_program
 from dmlog import WriteLog
-from nbdkit_util import need_module, need_program
-from reliability_util import Backend, Server, close_handle
+from vblk_tools.harness import Nbdkit, Qsd
+from vblk_tools.verify import close_handle
 
 nbd = need_module("nbd", "python3-libnbd")
 
@@ -160,8 +161,8 @@ MIXES = {
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(tmp_path, mix):
     fua_share, flushing = MIXES[mix]
-    backend = Backend(tmp_path, size=SIZE, num_queues=2, write_log=True)
-    server = Server(tmp_path, backend.socket, nbdkit_args=["-t", "4"], stats=False)
+    backend = Qsd(tmp_path, size=SIZE, num_queues=2, write_log=True)
+    server = Nbdkit(tmp_path, [f"socket={backend.socket}"], nbdkit_args=["-t", "4"])
     load = None
     try:
         backend.start()
@@ -295,9 +296,9 @@ def _write(h: Any, data: bytes, offset: int, timeout: float = 20.0) -> str | Non
 def test_disk_full_fails_writes_and_recovers_when_space_is_freed(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    backend = Backend(tmp_path, image=mnt / "disk.img", num_queues=2,
-                      prefix=_small_tmpfs_prefix(mnt, "8m", SIZE))
-    server = Server(tmp_path, backend.socket, reconnect_timeout=30)
+    backend = Qsd(tmp_path, image=mnt / "disk.img", num_queues=2,
+                  prefix=_small_tmpfs_prefix(mnt, "8m", SIZE))
+    server = Nbdkit(tmp_path, {"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
     try:
         backend.start()
         server.start()

@@ -15,11 +15,12 @@ import time
 
 import pytest
 
-from nbdkit_util import need_module
+from conftest import need_module
 
 nbd = need_module("nbd", "python3-libnbd")
 
-from reliability_util import Backend, Server, close_handle  # noqa: E402
+from vblk_tools.harness import Nbdkit, Qsd  # noqa: E402
+from vblk_tools.verify import close_handle  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 160 * MiB
@@ -31,8 +32,8 @@ FLAG_COMBOS = [sum(c) for n in range(4)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("edge")
-    backend = Backend(workdir, size=SIZE).start()
-    srv = Server(workdir, backend.socket, reconnect_timeout=30)
+    backend = Qsd(workdir, size=SIZE, num_queues=4).start()
+    srv = Nbdkit(workdir, {"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
     try:
         srv.start()
         srv.backend = backend
@@ -308,18 +309,12 @@ def _nbdkit_version() -> tuple[int, int]:
 
 
 @pytest.fixture
-def own_server(tmp_path, how):
+def own_server(qsd_factory, nbdkit_factory, how):
     """A server of its own (a crash must not take the module's server with it); "-t1"
     variants run nbdkit with one worker thread per connection, which avoids nbdkit's bug."""
-    backend = Backend(tmp_path, size=SIZE).start()
-    srv = Server(tmp_path, backend.socket, reconnect_timeout=30,
-                 nbdkit_args=["-t", "1"] if how.endswith("-t1") else [])
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.cleanup()
-        backend.cleanup()
+    backend = qsd_factory(size=SIZE, num_queues=4)
+    return nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 30}, stats=True,
+                          nbdkit_args=["-t", "1"] if how.endswith("-t1") else [])
 
 
 @pytest.mark.parametrize("how", ["shutdown", "shutdown-abandon", "three-shutdown",

@@ -6,7 +6,6 @@ import os
 import psutil
 import pytest
 
-from nbdkit_util import run_nbdkit_expect_failure, short_tmpdir
 from vblk_core.errors import ConfigError
 from vblk_plugin.config import PluginConfig
 from vblk_plugin.placement import Placement, parse_cpu_list, resolve
@@ -57,28 +56,26 @@ def _allowed(pid: int) -> set[frozenset[int]]:
     return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def test_nbdkit_and_private_daemon_are_placed(tmp_path):
+def test_nbdkit_and_private_daemon_are_placed(tmp_path, nbdkit_factory):
     cpus = sorted(os.sched_getaffinity(0))
     mine, theirs = cpus[0], cpus[-1]
     image = harness.make_image(tmp_path / "disk.img", 16 << 20)
-    work = short_tmpdir()
-    kit = harness.Nbdkit(work, [f"image={image}", f"placement={mine}/{theirs}"], name="pl")
-    with kit.start():
-        h = kit.connect()    # a connection: nbdkit has started its worker threads
-        try:
-            assert h.get_size() == 16 << 20
-            h.pwrite(b"p" * 4096, 0)
-            assert _allowed(kit.pid) == {frozenset({mine})}
-        finally:
-            h.shutdown()
-        daemons = [c for c in psutil.Process(kit.pid).children()
-                   if c.name().startswith("qemu-storage")]
-        assert len(daemons) == 1
-        assert _allowed(daemons[0].pid) == {frozenset({theirs})}
+    kit = nbdkit_factory([f"image={image}", f"placement={mine}/{theirs}"], name="pl")
+    h = kit.connect()    # a connection: nbdkit has started its worker threads
+    try:
+        assert h.get_size() == 16 << 20
+        h.pwrite(b"p" * 4096, 0)
+        assert _allowed(kit.pid) == {frozenset({mine})}
+    finally:
+        h.shutdown()
+    daemons = [c for c in psutil.Process(kit.pid).children()
+               if c.name().startswith("qemu-storage")]
+    assert len(daemons) == 1
+    assert _allowed(daemons[0].pid) == {frozenset({theirs})}
 
 
-def test_nbdkit_refuses_a_bad_placement_before_listening():
-    status, output, _secs, socket_left = run_nbdkit_expect_failure(
-        ["socket=/nonexistent", "placement=0/99999"], short_tmpdir())
+def test_nbdkit_refuses_a_bad_placement_before_listening(nbdkit_factory):
+    kit = nbdkit_factory(["socket=/nonexistent", "placement=0/99999"], "bad", start=False)
+    status, output = kit.expect_exit().status, kit.log_text()
     assert status == 1 and "placement=0/99999" in output and "Traceback" not in output
-    assert not socket_left
+    assert not os.path.exists(kit.socket)

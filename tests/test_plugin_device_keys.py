@@ -3,9 +3,10 @@ nbdkit listens, and the probe's error through a real nbdkit.  (The transports th
 driven for real in tests/test_vdpa_guest.py and tests/test_vfio_guest.py.)"""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from nbdkit_util import run_nbdkit_expect_failure, short_tmpdir
 from vblk_core.errors import ConfigError
 from vblk_core.transports.vfio_pci import VfioPciConnector
 from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
@@ -101,10 +102,10 @@ def test_probe_of_something_that_is_not_vhost_vdpa():
         probe_device(c)
 
 
-def test_nbdkit_refuses_a_non_vdpa_device_before_listening():
-    work = short_tmpdir()
-    status, output, _secs, socket_left = run_nbdkit_expect_failure(["vdpa=/dev/null"], work)
+def test_nbdkit_refuses_a_non_vdpa_device_before_listening(nbdkit_factory):
+    kit = nbdkit_factory(["vdpa=/dev/null"], "bad", start=False)
+    status, output = kit.expect_exit().status, kit.log_text()
     assert status == 1, output
     assert "vdpa=/dev/null" in output and "not a vhost-vdpa device" in output
     assert "Traceback" not in output
-    assert not socket_left, "nbdkit left its socket behind"
+    assert not os.path.exists(kit.socket), "nbdkit left its socket behind"

@@ -16,24 +16,15 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from nbdkit_util import (
-    Nbdkit,
-    assert_same_bytes,
-    kill_procs,
-    need_module,
-    need_program,
-    qsd_processes,
-    read_file,
-    remove_tree,
-    run_nbdkit_expect_failure,
-    short_tmpdir,
-    wait_no_qsd,
-)
-from vblk_tools.harness import chain_without_discard
+from conftest import need_module, need_program
+from leftovers import kill_procs, qsd_processes, wait_no_qsd
+from vblk_tools.harness import Nbdkit, chain_without_discard
+from vblk_tools.patterns import assert_same_bytes
 
 nbd = need_module("nbd", "python3-libnbd")
 
@@ -61,43 +52,28 @@ def no_leftover_processes():
 
 
 @pytest.fixture
-def workdir():
-    d = short_tmpdir()
-    yield d
-    remove_tree(d)
-
-
-@pytest.fixture
-def kits(workdir):
-    """``kits(params, **kw)`` -> a started Nbdkit; all are stopped (by PID) at teardown."""
-    started: list[Nbdkit] = []
-
-    def start(params, name=None, **kw) -> Nbdkit:
-        k = Nbdkit(params, workdir, name=name or f"nbd{len(started)}", **kw)
-        started.append(k)
-        return k.start()
-
-    yield start
-    for k in started:
-        k.stop()
-        # Shown by pytest only when the test fails.
-        print(f"--- nbdkit {k.params} (status {k.returncode}):\n{k.stderr()}")
+def workdir(tmp_path):
+    """A directory for the images and files the keys name, apart from the harness's daemons
+    (a daemon whose command line mentions it is one the plugin started)."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    return str(d)
 
 
 def stop_ok(kit: Nbdkit) -> None:
     """Stop nbdkit with SIGTERM and require a clean exit without a Python traceback."""
     rc = kit.stop().status
-    err = kit.stderr()
+    err = kit.log_text()
     assert rc == 0, f"nbdkit exited with status {rc}:\n{err}"
     assert "Traceback" not in err, err
 
 
 # --- size and flags ------------------------------------------------------------------------
 
-def test_size_and_flags_as_advertised(qsd_factory, kits):
+def test_size_and_flags_as_advertised(qsd_factory, nbdkit_factory):
     size = 48 * MiB + 3 * SECTOR  # not a round number: capacity must be exact
     qsd = qsd_factory(num_queues=4, size=size)
-    kit = kits({"socket": qsd.socket})
+    kit = nbdkit_factory({"socket": qsd.socket})
     h = kit.connect()
     try:
         assert h.get_size() == size
@@ -153,19 +129,19 @@ def _check_read_only(kit, original: bytes):
         h.shutdown()
 
 
-def test_read_only_nbdkit_r(qsd_factory, kits):
+def test_read_only_nbdkit_r(qsd_factory, nbdkit_factory):
     original = random.Random(1).randbytes(1 * MiB)
     qsd = qsd_factory(num_queues=2, size=8 * MiB, content=original)
-    kit = kits({"socket": qsd.socket}, readonly=True)
+    kit = nbdkit_factory({"socket": qsd.socket}, readonly=True)
     _check_read_only(kit, original)
     stop_ok(kit)
     assert_same_bytes(qsd.read_image(0, len(original)), original, "image after -r")
 
 
-def test_read_only_daemon_writable_off(qsd_factory, kits):
+def test_read_only_daemon_writable_off(qsd_factory, nbdkit_factory):
     original = random.Random(2).randbytes(1 * MiB)
     qsd = qsd_factory(num_queues=2, size=8 * MiB, content=original, writable=False)
-    kit = kits({"socket": qsd.socket})  # no -r: the device itself is read-only
+    kit = nbdkit_factory({"socket": qsd.socket})  # no -r: the device itself is read-only
     _check_read_only(kit, original)
     stop_ok(kit)
     assert_same_bytes(qsd.read_image(0, len(original)), original, "image of writable=off")
@@ -190,13 +166,13 @@ def _random_extent(rng: random.Random, size: int, length: int | None = None) -> 
     return off, n
 
 
-def test_random_mixed_io_matches_model_and_image(qsd_factory, kits):
+def test_random_mixed_io_matches_model_and_image(qsd_factory, nbdkit_factory):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     size = 80 * MiB
     model = bytearray(rng.randbytes(size))
     qsd = qsd_factory(num_queues=4, size=size, content=bytes(model))
-    kit = kits({"socket": qsd.socket})
+    kit = nbdkit_factory({"socket": qsd.socket})
     h = kit.connect()
     ctx = f"seed={seed}"
     counts: dict[str, int] = {}
@@ -255,12 +231,12 @@ def test_random_mixed_io_matches_model_and_image(qsd_factory, kits):
     assert_same_bytes(qsd.read_image(), model, f"{ctx}: image file after nbdkit exit")
 
 
-def test_zero_flags_zero_exactly_their_range(qsd_factory, kits):
+def test_zero_flags_zero_exactly_their_range(qsd_factory, nbdkit_factory):
     """Each zero flag combination zeroes exactly its range, also in the image file."""
     size = 24 * MiB
     original = random.Random(3).randbytes(size)
     qsd = qsd_factory(num_queues=1, size=size, content=original)
-    kit = kits({"socket": qsd.socket})
+    kit = nbdkit_factory({"socket": qsd.socket})
     h = kit.connect()
     model = bytearray(original)
     # (no NO_HOLE = the server may trim)
@@ -316,13 +292,13 @@ THREADS = [pytest.param((), id="default-threads"), pytest.param(("-t", "4"), id=
 
 
 @pytest.mark.parametrize("threads", THREADS)
-def test_multi_conn_parallel_aio_and_stats(qsd_factory, kits, workdir, threads):
+def test_multi_conn_parallel_aio_and_stats(qsd_factory, nbdkit_factory, workdir, threads):
     nconn, region, depth = 4, 16 * MiB, 16
     size = nconn * region
     seed = int.from_bytes(os.urandom(4), "little")
     qsd = qsd_factory(num_queues=4, size=size)
     stats = os.path.join(workdir, "stats.json")
-    kit = kits({"socket": qsd.socket, "stats": stats}, extra_args=threads)
+    kit = nbdkit_factory({"socket": qsd.socket, "stats": stats}, nbdkit_args=threads)
     handles = [kit.connect() for _ in range(nconn)]
     model = bytearray(size)
     errors: list[BaseException] = []
@@ -420,11 +396,11 @@ def _mixed_content(rng: random.Random, size: int) -> bytes:
     return bytes(out)
 
 
-def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, kits, workdir):
+def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, nbdkit_factory, workdir):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     size = 32 * MiB
     qsd = qsd_factory(num_queues=4, size=size, content=_mixed_content(rng, size))
-    kit = kits({"socket": qsd.socket}, extra_args=("-t", "4"))
+    kit = nbdkit_factory({"socket": qsd.socket}, nbdkit_args=("-t", "4"))
     img = str(qsd.image)
 
     # qemu-img compare, export vs. the image file the daemon serves (-U: the daemon holds the
@@ -443,7 +419,7 @@ def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, kits, workdir):
     out_img = os.path.join(workdir, "out.img")
     rc, out = _run(["nbdcopy", kit.uri, out_img])
     assert rc == 0, out
-    assert_same_bytes(read_file(out_img), read_file(img), "nbdcopy out")
+    assert_same_bytes(Path(out_img).read_bytes(), Path(img).read_bytes(), "nbdcopy out")
 
     # nbdcopy in: new content file -> export (multi-conn, zeroes for the zero runs).
     src = os.path.join(workdir, "src.img")
@@ -459,14 +435,14 @@ def test_qemu_img_compare_and_nbdcopy_in_and_out(qsd_factory, kits, workdir):
 
 
 @pytest.mark.parametrize("threads", THREADS)
-def test_fio_nbd_engine_write_then_verify_every_byte(qsd_factory, kits, workdir, threads):
+def test_fio_nbd_engine_write_then_verify_every_byte(qsd_factory, nbdkit_factory, workdir, threads):
     """fio's nbd engine, two jobs (two connections) each writing its own 16 MiB once in random
     order with random block sizes, then reading all of it back and checking every block's
     crc32c.  Bounded by size, not by time: the verify phase always runs, and the bytes it
     verified must equal the bytes written."""
     qsd = qsd_factory(num_queues=4, size=48 * MiB)
     stats = os.path.join(workdir, "fio-stats.json")
-    kit = kits({"socket": qsd.socket, "stats": stats}, extra_args=threads)
+    kit = nbdkit_factory({"socket": qsd.socket, "stats": stats}, nbdkit_args=threads)
     out_json = os.path.join(workdir, "fio.json")
     job = 16 * MiB
     cmd = ["fio", "--ioengine=nbd", f"--uri={kit.uri}", "--rw=randwrite", "--bsrange=4k-64k",
@@ -475,7 +451,7 @@ def test_fio_nbd_engine_write_then_verify_every_byte(qsd_factory, kits, workdir,
     for j in range(2):
         cmd += [f"--name=vblk{j}", f"--offset={MiB + j * (job + MiB)}", f"--size={job}"]
     rc, out = _run(cmd, timeout=120, cwd=workdir)
-    assert rc == 0, f"fio failed (rc {rc}): {out}\n{kit.stderr()}"
+    assert rc == 0, f"fio failed (rc {rc}): {out}\n{kit.log_text()}"
     with open(out_json) as f:
         text = f.read()
     report = json.loads(text[text.index("{"):])
@@ -521,7 +497,7 @@ def _daemon_socket_dir(proc: psutil.Process) -> str | None:
 
 
 @pytest.fixture
-def image_mode(workdir, kits):
+def image_mode(workdir, nbdkit_factory):
     """``image_mode(size, content)`` -> (kit, image path, model, daemon); at teardown kills
     (by PID) and reports any qemu-storage-daemon still serving the image."""
     images: list[str] = []
@@ -532,7 +508,7 @@ def image_mode(workdir, kits):
             f.write(content)
             f.truncate(size)
         images.append(img)
-        kit = kits({"image": img, **params})
+        kit = nbdkit_factory({"image": img, **params})
         daemons = _own_daemons(kit, img)
         assert len(daemons) == 1, f"image= should start one qemu-storage-daemon: {daemons}"
         missing = chain_without_discard(daemons[0].cmdline())
@@ -578,12 +554,12 @@ def test_image_mode_end_to_end_stop(image_mode, sig):
         os.kill(kit.pid, sig)
         rc = kit.proc.wait(15)
         kit.proc = None
-        assert rc == 0, f"nbdkit exited with status {rc} on {sig.name}:\n{kit.stderr()}"
+        assert rc == 0, f"nbdkit exited with status {rc} on {sig.name}:\n{kit.log_text()}"
     left = wait_no_qsd(img, timeout=5)
     kill_procs(left)
     assert not left, f"qemu-storage-daemon survived nbdkit's {sig.name}: {left}"
     assert not os.path.exists(sock_dir), f"private daemon directory {sock_dir} left behind"
-    assert_same_bytes(read_file(img), model, "image file after nbdkit exit")
+    assert_same_bytes(Path(img).read_bytes(), model, "image file after nbdkit exit")
 
 
 def test_image_mode_sigkill_leaves_no_daemon(image_mode):
@@ -600,10 +576,10 @@ def test_image_mode_sigkill_leaves_no_daemon(image_mode):
         kill_procs(left)
         assert not left, f"qemu-storage-daemon survived nbdkit's SIGKILL: {left}"
         del h  # the server is gone
-        assert_same_bytes(read_file(img), model, "image file after SIGKILL")
+        assert_same_bytes(Path(img).read_bytes(), model, "image file after SIGKILL")
     finally:
-        if sock_dir:
-            remove_tree(sock_dir)  # nobody can clean up the private directory after a SIGKILL
+        if sock_dir:   # nobody can clean up the private directory after a SIGKILL
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_image_mode_restarts_a_daemon_that_died(image_mode, workdir):
@@ -635,18 +611,18 @@ def test_image_mode_restarts_a_daemon_that_died(image_mode, workdir):
     assert len(daemons) == 1 and daemons[0].pid != first, daemons
     h.shutdown()
     stop_ok(kit)
-    assert "restarting it" in kit.stderr(), kit.stderr()[-3000:]
+    assert "restarting it" in kit.log_text(), kit.log_text()[-3000:]
     with open(stats) as f:
         st = json.load(f)
     assert st["reconnects"] == 1 and st["state"] == "connected", st
     assert st["totals"]["errors"] == 0, st
-    assert_same_bytes(read_file(img), model, "image file after the restart")
+    assert_same_bytes(Path(img).read_bytes(), model, "image file after the restart")
 
 
 # --- bad configuration ------------------------------------------------------------------------
 
 @pytest.fixture
-def bad_config(workdir, qsd_factory):
+def bad_config(workdir, qsd_factory, nbdkit_factory):
     """``bad_config(params)`` runs nbdkit with ``params`` (``{DIR}``, ``{DAEMON}`` (a running
     4-queue daemon's socket) and ``{DEAD}`` (a killed daemon's socket file) substituted) and
     returns (its output, whether its socket file was left, the substitution) after requiring a
@@ -666,8 +642,9 @@ def bad_config(workdir, qsd_factory):
                 .replace("{DEAD}", dead[0].socket if dead else ""))
 
     def run(params):
-        status, out, elapsed, socket_left = run_nbdkit_expect_failure(
-            [subst(p) for p in params], workdir, timeout=20)
+        kit = nbdkit_factory([subst(p) for p in params], "bad", start=False)
+        status, elapsed, _in_time = kit.expect_exit(timeout=20)
+        out, socket_left = kit.log_text(), os.path.exists(kit.socket)
         assert status is not None, f"nbdkit kept running with {params}:\n{out}"
         assert status != 0, f"nbdkit accepted {params}:\n{out}"
         assert elapsed < 15, f"nbdkit took {elapsed:.1f}s to refuse {params}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from nbdkit_util import short_tmpdir
 from vblk_core.errors import ConfigError
 from vblk_plugin.config import PluginConfig
 from vblk_tools import harness
@@ -20,18 +19,16 @@ def test_spin_key():
 
 
 @pytest.mark.parametrize("spin, hits", [("5000", True), ("0", False)])
-def test_spin_reaches_the_driver(tmp_path, spin, hits):
+def test_spin_reaches_the_driver(tmp_path, nbdkit_factory, spin, hits):
     image = harness.make_image(tmp_path / "disk.img", 8 << 20)
-    kit = harness.Nbdkit(short_tmpdir(), [f"image={image}", f"spin={spin}"], name="spin",
-                         stats=True)
-    with kit:
-        h = kit.connect()
-        try:
-            for i in range(50):              # one at a time: each request is alone
-                h.pread(4096, i * 4096)
-        finally:
-            h.shutdown()
-        stats = kit.wait_stats(lambda s: s["totals"]["requests"] >= 50)
+    kit = nbdkit_factory([f"image={image}", f"spin={spin}"], name="spin", stats=True)
+    h = kit.connect()
+    try:
+        for i in range(50):              # one at a time: each request is alone
+            h.pread(4096, i * 4096)
+    finally:
+        h.shutdown()
+    stats = kit.wait_stats(lambda s: s["totals"]["requests"] >= 50)
     assert stats is not None
     spun = sum(q["spin_hits"] for q in stats["queues"])
     assert (spun > 0) == hits, stats

@@ -1,6 +1,6 @@
 """The back-end (qemu-storage-daemon) crashes under running NBD clients (issue 5).
 
-Each test starts its own daemon and nbdkit+vblk (tests/reliability_util.py), kills the daemon
+Each test starts its own daemon and nbdkit+vblk (conftest's factories), kills the daemon
 with SIGKILL and checks what the NBD clients see:
 
 - it comes back on the same socket and image: no client error, data equals an in-memory model,
@@ -17,48 +17,21 @@ import time
 
 import pytest
 
-from nbdkit_util import need_module
+from conftest import need_module
 
 nbd = need_module("nbd", "python3-libnbd")
 
-from reliability_util import (  # noqa: E402
-    Backend,
-    Server,
-    VerifiedWorker,
-    close_handle,
-    run_aio,
-    run_workers,
-)
+from vblk_tools.harness import Nbdkit  # noqa: E402
+from vblk_tools.verify import VerifiedWorker, close_handle, run_aio, run_workers  # noqa: E402
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def procs(tmp_path):
-    """Factories for back-ends and servers in tmp_path; all stopped (nbdkit first) at teardown."""
-    made: list = []
-
-    class Procs:
-        def backend(self, **kw) -> Backend:
-            b = Backend(tmp_path, name=f"qsd{len(made)}", **kw).start()
-            made.append(b)
-            return b
-
-        def server(self, backend: Backend, **kw) -> Server:
-            s = Server(tmp_path, backend.socket, name=f"nbdkit{len(made)}", **kw).start()
-            made.append(s)
-            return s
-
-    yield Procs()
-    for p in reversed(made):
-        p.cleanup()
 
 
 def _errors_only(results, allowed=("EIO",)):
     return [r for r in results if r[0] is not None and r[0] not in allowed]
 
 
-def _shutdown(server: Server, timeout: float = 8.0) -> tuple:
+def _shutdown(server: Nbdkit, timeout: float = 8.0) -> tuple:
     """SIGTERM nbdkit (its clients already gone); assert it exits cleanly in time."""
     rc, seconds, in_time = server.stop(timeout)
     assert in_time, (f"nbdkit did not exit within {timeout}s of SIGTERM:\n"
@@ -74,9 +47,9 @@ REGION = 8 * MiB
 STRIDE = 16 * MiB    # regions are 8 MiB apart: the gaps must stay zero
 
 
-def test_kill_and_restart_under_verified_load(procs, request):
-    backend = procs.backend(size=4 * STRIDE)
-    server = procs.server(backend, reconnect_timeout=30)
+def test_kill_and_restart_under_verified_load(qsd_factory, nbdkit_factory, request):
+    backend = qsd_factory(size=4 * STRIDE, num_queues=4)
+    server = nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
     stop = threading.Event()
     workers = [VerifiedWorker(server.socket, i * STRIDE, REGION, depth=8, seed=100 + i,
                               max_blocks=16, stop=stop, stall_timeout=25, name=f"conn{i}")
@@ -181,9 +154,9 @@ def _mixed_requests(size: int, base: int = 0) -> list:
     ]
 
 
-def test_backend_never_returns(procs):
-    backend = procs.backend(size=64 * MiB)
-    server = procs.server(backend, reconnect_timeout=3)
+def test_backend_never_returns(qsd_factory, nbdkit_factory):
+    backend = qsd_factory(size=64 * MiB, num_queues=4)
+    server = nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 3}, stats=True)
     h = server.connect()
     size = h.get_size()
     h.pwrite(b"x" * MiB, 0)
@@ -220,9 +193,9 @@ def test_backend_never_returns(procs):
 
 # --- (c) the daemon comes back as another device ----------------------------------------------
 
-def test_backend_returns_as_different_device(procs, tmp_path):
-    backend = procs.backend(size=64 * MiB)
-    server = procs.server(backend, reconnect_timeout=30)
+def test_backend_returns_as_different_device(qsd_factory, nbdkit_factory, tmp_path):
+    backend = qsd_factory(size=64 * MiB, num_queues=4)
+    server = nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
     h = server.connect()
     size = h.get_size()
     h.pwrite(b"o" * MiB, 0)
@@ -253,9 +226,9 @@ def test_backend_returns_as_different_device(procs, tmp_path):
 
 # --- (d) reconnect-timeout=0 -----------------------------------------------------------------
 
-def test_reconnect_timeout_zero_fails_at_once(procs):
-    backend = procs.backend(size=64 * MiB)
-    server = procs.server(backend, reconnect_timeout=0)
+def test_reconnect_timeout_zero_fails_at_once(qsd_factory, nbdkit_factory):
+    backend = qsd_factory(size=64 * MiB, num_queues=4)
+    server = nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 0}, stats=True)
     h = server.connect()
     size = h.get_size()
     h.pwrite(b"z" * MiB, 0)

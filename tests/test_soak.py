@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdkit_util import need_program
+from conftest import need_program
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK = ROOT / "scripts" / "soak"

@@ -11,8 +11,9 @@ import subprocess
 import pytest
 
 import dmlog
-from nbdkit_util import need_module, need_program
+from conftest import need_module, need_program
 from vblk_plugin.qsd import Node, accepts_connection, install_package, missing_daemon_hint, qsd_argv
+from vblk_tools import needs
 from vblk_tools.cli import parse_size
 from vblk_tools.harness import HarnessError, Nbdkit, Qsd, chain_without_discard, nbd_greeting
 from vblk_tools.patterns import assert_same_bytes, first_difference, pattern
@@ -276,6 +277,16 @@ def test_missing_tools_fail_naming_the_package():
     with pytest.raises(pytest.fail.Exception, match="python3-vblk-nothing"):
         need_module("vblk_no_such_module", "python3-vblk-nothing")
     assert need_program("nbdkit", "nbdkit").endswith("/nbdkit")
+
+
+def test_needs_names_each_missing_program_or_file():
+    """A program is looked up on PATH, an absolute path (a glob pattern) must exist."""
+    assert needs.missing({"sh": "dash", "/bin/s?": "dash", "/nonexistent/*.so": "vblk-lib",
+                          "vblk-no-such-program": "vblk-pkg"}) == [
+        "/nonexistent/*.so (package vblk-lib)", "vblk-no-such-program (package vblk-pkg)"]
+    with pytest.raises(needs.Missing, match=r"^the guest needs /nonexistent \(package a\): "
+                                            r"apt-get install a \(or run scripts/setup --vm"):
+        needs.require({"/nonexistent": "a", "sh": "dash"}, "the guest", setup="scripts/setup --vm")
 
 
 def test_nbdkit_started_once_in_a_with_block(tmp_path):

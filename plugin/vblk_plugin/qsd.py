@@ -135,9 +135,14 @@ def _read(path: str) -> str:
         return ""
 
 
+def daemon_package() -> str | None:
+    """The Debian package holding qemu-storage-daemon on this machine (None: not Debian)."""
+    return install_package(_read("/etc/os-release"), _read("/etc/debian_version"))
+
+
 def missing_daemon_hint() -> str:
     """What to do when qemu-storage-daemon is not installed, for this machine's distribution."""
-    pkg = install_package(_read("/etc/os-release"), _read("/etc/debian_version"))
+    pkg = daemon_package()
     if pkg is None:
         return ("install qemu-storage-daemon (part of QEMU: qemu-utils on Debian 13, "
                 "qemu-system-common on Debian 12)")

@@ -6,6 +6,8 @@
     harness.py   qemu-storage-daemon and nbdkit processes: started (argv from
                  vblk_plugin.qsd.qsd_argv), ready once they accept a connection, stopped by PID
     verify.py    model-checked libnbd I/O workers (soak and reliability tests)
+    needs.py     the one check of what is installed: the missing programs, files and modules,
+                 and the Debian package of each
 
 May import the standard library, vblk_plugin (plugin/vblk_plugin) and, where a module says so,
 psutil or libnbd's ``nbd``; never pytest and nothing under tests/.  Importing the package

@@ -212,13 +212,20 @@ def chain_without_discard(argv: Sequence[str]) -> list[str]:
 
 # --- files ---------------------------------------------------------------------------------
 
+def private_dir(prefix: str = "vblk-") -> Path:
+    """A fresh private directory with a short path, for unix sockets (sun_path holds 108
+    bytes; a checkout's or pytest's directories may be deeper): the caller removes it.  In
+    /tmp itself, not $TMPDIR, which may be just as deep."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
 def short_socket_dir(directory: PathLike, name_len: int = 20) -> tuple[Path, bool]:
-    """(``directory``, False) if unix socket paths in it fit, else (a fresh private directory
-    under /tmp, True): the caller removes it."""
+    """(``directory``, False) if unix socket paths in it fit, else (a fresh ``private_dir``,
+    True): the caller removes it."""
     d = Path(directory)
     if len(str(d)) + name_len < UNIX_PATH_MAX:
         return d, False
-    return Path(tempfile.mkdtemp(prefix="vblk-", dir="/tmp")), True
+    return private_dir(), True
 
 
 def make_image(path: PathLike, size: int, content: bytes | None = None) -> Path:
@@ -337,9 +344,9 @@ class Qsd(_ServerProcess):
                 return accepts_connection(self.socket)
         try:
             wait_ready(proc, ready, timeout, f"{QSD} on {self.socket}", self.log_path)
-        except HarnessError:
+        except HarnessError as e:
             self.proc = None
-            raise
+            raise HarnessError(f"{e}\ncommand: {' '.join(self.command(image))}") from None
         return self
 
     def stop(self, timeout: float = 5.0) -> int | None:
@@ -450,6 +457,21 @@ class Nbdkit(_ServerProcess):
         self.proc = spawn(self.command(), self.log_path, extra_env=self.extra_env,
                           death_signal=self.death_signal)
         return self.proc
+
+    def expect_exit(self, timeout: float = 30.0) -> Exit:
+        """Start nbdkit expecting it to refuse (a bad configuration) and wait up to
+        ``timeout`` for it to exit.  Returns its Exit; ``status`` is None and ``in_time``
+        False if it still ran then (it is stopped).  ``log_text()`` has what it said."""
+        proc = self.launch()
+        t0 = time.monotonic()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return Exit(None, time.monotonic() - t0, False)
+        self.returncode, self.proc = proc.returncode, None
+        stop_process(proc)      # reaped already: only forgets it
+        return Exit(self.returncode, time.monotonic() - t0, True)
 
     def start(self, timeout: float = 30.0) -> Self:
         proc = self.launch()
