@@ -69,6 +69,7 @@ class FakeVdpaDevice:
         self.lock = threading.Lock()
         self.errors: list[BaseException] = []
         self.calls: list[str] = []          # every ioctl / IOTLB message, in order
+        self.status_writes: list[int] = []  # every SET_STATUS value, in order
         self.opens = 0
         self.iotlb: dict[int, tuple[int, int]] = {}   # iova -> (size, uaddr)
         self.negotiated = 0
@@ -173,6 +174,7 @@ class FakeVdpaDevice:
 
     def _set_status(self, arg) -> None:
         status = arg[0]
+        self.status_writes.append(status)
         if status == 0:
             self._stop_serving()
             self._reset_state()

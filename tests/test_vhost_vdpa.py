@@ -14,7 +14,8 @@ import pytest
 from fake_ring_device import qsd_like_config
 from fake_vdpa import FakeVdpaDevice
 from vblk_core import BlockDevice, ConfigError, ConnectError, DeviceState, RequestError
-from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
+from vblk_core.transports.vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
+from vblk_core.virtio_blk import DRIVER_FEATURES
 
 PATH = "/dev/vhost-vdpa-7"
 DISK = 4 << 20
@@ -85,7 +86,10 @@ def test_ioctl_sequence(opened):
     fake = make_fake()
     dev = opened(fake, num_queues=2)
     calls = fake.calls
-    assert calls[:4] == ["SET_OWNER", "GET_DEVICE_ID", "SET_STATUS", "SET_STATUS"]
+    assert calls[:3] == ["SET_OWNER", "GET_DEVICE_ID", "SET_STATUS"]
+    # reset, ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK: each bit added to what status reads
+    assert fake.status_writes == [0, 1, 3, 11, 15]
+    assert calls.index("SET_STATUS") < calls.index("SET_BACKEND_FEATURES")
     assert calls.index("SET_BACKEND_FEATURES") < calls.index("SET_FEATURES")
     assert calls.index("SET_FEATURES") < calls.index("GET_CONFIG")
     mem = calls.index("IOTLB_UPDATE")
@@ -100,7 +104,8 @@ def test_ioctl_sequence(opened):
     assert not fake.negotiated & (1 << 28), "INDIRECT_DESC is not implemented: must not ask"
     assert dev.features & (1 << 33) == 0, "ACCESS_PLATFORM is the transport's, not the device's"
     dev.close()
-    assert calls[-2:] == ["SET_STATUS", "IOTLB_INVALIDATE"]  # reset, then unmap
+    assert calls[-3:] == ["SET_STATUS", "GET_STATUS", "IOTLB_INVALIDATE"]  # reset, then unmap
+    assert fake.status_writes[-1] == 0
 
 
 def test_memory_mapped_at_user_address_or_range_start(opened):
@@ -250,3 +255,55 @@ def test_in_flight_request_survives_a_reset(opened):
     t.join(10)
     assert not t.is_alive() and result == [None]
     assert fake.disk[:4096] == b"r" * 4096 and dev.reconnects == 1
+
+
+# --- the status machine (virtio_status, shared with vfio-pci) ----------------------------------
+
+def _negotiated(fake: FakeVdpaDevice) -> VhostVdpaTransport:
+    t = VhostVdpaConnector(PATH, ops=fake).connect()
+    t.negotiate(DRIVER_FEATURES)
+    return t
+
+
+def test_start_refuses_a_device_that_needs_a_reset():
+    """DRIVER_OK sticks, but the device raised DEVICE_NEEDS_RESET: the session is no good."""
+    fake = make_fake()
+    t = _negotiated(fake)
+    fake.status |= 64
+    with pytest.raises(ConnectError, match=r"did not start \(status 0x4f after DRIVER_OK\)"):
+        t.start()
+    t.close()
+    assert fake._fd == -1 and fake.status == 0
+
+
+def test_loss_reasons_mean_what_vfio_pcis_do():
+    """The same words as the vfio-pci transport's (tests/test_vfio_pci.py) for the same state."""
+    fake = make_fake()
+    t = _negotiated(fake)
+    assert t.loss_reason() is None                     # before DRIVER_OK: nothing is lost
+    t.start()
+    assert t.loss_reason() is None
+    fake.status = 0                                    # reset behind our back
+    assert t.loss_reason() == f"vhost-vdpa device {PATH} was reset (status 0x0)"
+    fake.status = 0x4F                                 # running, then DEVICE_NEEDS_RESET
+    assert t.loss_reason() == (f"vhost-vdpa device {PATH} needs a reset (DEVICE_NEEDS_RESET, "
+                               "status 0x4f)")
+    fake.status = 0x8F                                 # FAILED: only a driver writes it
+    assert t.loss_reason() == f"vhost-vdpa device {PATH} was stopped (FAILED, status 0x8f)"
+    fake.status = 0xFF
+    assert t.loss_reason() == f"vhost-vdpa device {PATH} reads status 0xff: removed or not " \
+                              "responding"
+    fake.fail["GET_STATUS"] = errno.EIO
+    assert t.loss_reason().startswith(f"cannot read the status of vhost-vdpa device {PATH}: ")
+    del fake.fail["GET_STATUS"]
+    t.close()
+    assert t.loss_reason() == f"the session with vhost-vdpa device {PATH} is closed"
+
+
+def test_a_reset_that_fails_at_close_still_closes():
+    fake = make_fake()
+    t = _negotiated(fake)
+    t.start()
+    fake.fail["SET_STATUS"] = errno.EIO
+    t.close()
+    assert fake._fd == -1

@@ -223,7 +223,7 @@ def connector(cfg: PluginConfig, socket_path: str | None = None,
     daemon's socket in image= mode)."""
     if cfg.vdpa:
         from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
-        return VhostVdpaConnector(cfg.vdpa)
+        return VhostVdpaConnector(cfg.vdpa, timeout=timeout)
     if cfg.pci:
         from vblk_core.transports.vfio_pci import VfioPciConnector
         return VfioPciConnector(cfg.pci, timeout=timeout)

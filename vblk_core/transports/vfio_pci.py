@@ -12,7 +12,9 @@ One session is one open of the function (vfio.py) and one virtio initialisation 
 The device's DMA goes through the IOMMU (VIRTIO_F_ACCESS_PLATFORM is required), so it sees
 our memory at the IOVA chosen here: the same on every reconnect.  Reconnecting means opening
 and resetting the same function again.  Loss is noticed through an epoll fd over the config
-change interrupt (DEVICE_NEEDS_RESET) and VFIO's error and request interrupts.
+change interrupt (DEVICE_NEEDS_RESET) and VFIO's error and request interrupts.  The status
+steps are virtio_status's; the common configuration structure (virtio_pci.CommonCfg) is
+their primitives.
 """
 from __future__ import annotations
 
@@ -25,14 +27,13 @@ import select
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 from ..errors import ConnectError, DeviceError, TransportError
 from ..eventfd import eventfd_clear_holding_gil
 from ..layout import MAX_QUEUE_SIZE
 from ..transport import Kicker, MemoryMap, Transport
-from ..virtio import DeviceStatus, VirtioFeature
+from ..virtio import VirtioFeature
 from .vfio import (
     VFIO_PCI_ERR_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
@@ -58,16 +59,16 @@ from .virtio_pci import (
     Window,
     parse_config_space,
 )
+from .virtio_status import LEGACY_REFUSAL, VirtioStatus
 
 log = logging.getLogger("vblk")
 
 IOVA_ALIGN = 2 << 20
 CONFIG_READ_ATTEMPTS = 10
-def _feature_names(features: int) -> str:
-    names = [f.name or "" for f in VirtioFeature if features & f]
-    known = int(sum(VirtioFeature))
-    names += [f"bit {b}" for b in range(64) if features >> b & 1 and not known >> b & 1]
-    return ", ".join(names)
+#: The features this transport cannot do without, and why.
+REQUIRED_FEATURES = {**LEGACY_REFUSAL, VirtioFeature.ACCESS_PLATFORM:
+                     "its DMA would bypass the IOMMU (QEMU: add iommu_platform=on to -device "
+                     "virtio-blk-pci)"}
 
 
 class VfioPciConnector:
@@ -98,7 +99,8 @@ class VfioPciTransport(Transport):
         self.timeout = timeout
         self.ops: VfioOps = ops or OsVfioOps()
         self._lock = threading.Lock()
-        self._closed = self._negotiated = self._started = self._msix_on = False
+        self._closed = self._negotiated = self._msix_on = False
+        self._status: VirtioStatus | None = None   # once the common config is reachable
         self._dev = VfioDevice(self.address, self.ops, self.target)
         self._buffers: list[Buffer] = []
         self._views: list[memoryview] = []
@@ -131,7 +133,7 @@ class VfioPciTransport(Transport):
         try:
             yield
         except TransportError as e:
-            if type(e) is TransportError and not self._started:
+            if type(e) is TransportError and not self._running:
                 raise ConnectError(f"{self.target}: {e}", e.errno) from None
             raise
 
@@ -158,10 +160,10 @@ class VfioPciTransport(Transport):
         self.access = {name: "mmap" if isinstance(w, MappedWindow) else "pread/pwrite"
                        for name, w in self._windows.items()}
         self.common = common = CommonCfg(self._windows["common config"])
-        self._reset(self.timeout)
+        self._status = status = VirtioStatus(common, self.target)
+        status.reset(self.timeout)
         self._command(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 0)
-        common.status = DeviceStatus.ACKNOWLEDGE
-        common.status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
+        status.acknowledge()
         num_queues = common.num_queues
         if num_queues < 1:
             raise DeviceError(f"{self.target} reports {num_queues} virtqueues")
@@ -206,19 +208,9 @@ class VfioPciTransport(Transport):
                     return MappedWindow(label, view)
         return FileWindow(label, self.ops, self._dev.fd, region.offset + cap.offset, cap.length)
 
-    def _reset(self, timeout: float) -> None:
-        """Write 0 to device_status and wait (bounded) until it reads 0."""
-        self.common.status = 0
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while (status := self.common.status) != 0:
-            if time.monotonic() >= deadline:
-                gone = " (0xff: is the device still there?)" if status == 0xFF else ""
-                raise ConnectError(f"{self.target} did not complete its reset within "
-                                   f"{timeout:g}s: device_status stays {status:#x}{gone}",
-                                   errno.ETIMEDOUT)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+    @property
+    def _running(self) -> bool:
+        return self._status is not None and self._status.started
 
     def _device_queue_size(self, index: int) -> int:
         self.common.select(index)
@@ -251,28 +243,11 @@ class VfioPciTransport(Transport):
         """Features and FEATURES_OK.  The driver also takes VERSION_1 and ACCESS_PLATFORM,
         both required; the latter (transport business) is not in the returned set."""
         with self._lock, self._step():
-            offered = self.common.device_features()
-            if not offered & VirtioFeature.VERSION_1:
-                raise ConnectError(f"{self.target} does not offer VIRTIO_F_VERSION_1 (features "
-                                   f"{offered:#x}): legacy devices are not supported",
-                                   errno.ENOTSUP)
-            if not offered & VirtioFeature.ACCESS_PLATFORM:
-                raise ConnectError(f"{self.target} does not offer VIRTIO_F_ACCESS_PLATFORM "
-                                   f"(features {offered:#x}): its DMA would bypass the IOMMU "
-                                   "(QEMU: add iommu_platform=on to -device virtio-blk-pci)",
-                                   errno.ENOTSUP)
-            features = offered & (driver_features | VirtioFeature.VERSION_1
-                                  | VirtioFeature.ACCESS_PLATFORM)
-            self.common.set_driver_features(features)
-            self.common.status = (DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
-                                  | DeviceStatus.FEATURES_OK)
-            status = self.common.status
-            if not status & DeviceStatus.FEATURES_OK:
-                raise ConnectError(f"{self.target} did not accept the features {features:#x} "
-                                   f"({_feature_names(features)}): FEATURES_OK did not stick "
-                                   f"(status {status:#x})", errno.ENOTSUP)
+            assert self._status is not None, "set by _open"
+            features = self._status.negotiate(driver_features, VirtioFeature.ACCESS_PLATFORM,
+                                              REQUIRED_FEATURES)
             self._negotiated = True
-            return features & ~int(VirtioFeature.ACCESS_PLATFORM)
+            return features
 
     def read_config(self, size: int) -> bytes:
         """The device config (at most its structure's length), read between two equal
@@ -322,7 +297,7 @@ class VfioPciTransport(Transport):
     def setup_queue(self, index: int, size: int, desc_addr: int, avail_addr: int,
                     used_addr: int, call_fd: int) -> Kicker:
         with self._lock, self._step():
-            if not self._negotiated or self._started:
+            if not self._negotiated or self._running:
                 raise ConnectError(f"{self.target}: setup_queue({index}) out of order")
             if not 0 <= index < self._max_queues:
                 raise ConnectError(f"{self.target} offers {self._max_queues} queues (limited "
@@ -381,14 +356,8 @@ class VfioPciTransport(Transport):
 
     def start(self) -> None:
         with self._lock, self._step():
-            status = self.common.status
-            self.common.status = status | DeviceStatus.DRIVER_OK
-            status = self.common.status
-            bad = DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED
-            if not status & DeviceStatus.DRIVER_OK or status & bad:
-                raise ConnectError(f"{self.target} did not start (status {status:#x} after "
-                                   "DRIVER_OK)")
-            self._started = True
+            assert self._status is not None, "set by _open"
+            self._status.start()
 
     def loss_fd(self) -> int:
         epoll = self._epoll
@@ -396,7 +365,7 @@ class VfioPciTransport(Transport):
 
     def loss_reason(self) -> str | None:
         with self._lock:
-            if self._closed or self._epoll is None:
+            if self._closed or self._epoll is None or self._status is None:
                 return f"the session with {self.target} is closed"
             fired = {fd for fd, _ in self._epoll.poll(0)}
             for fd in fired:
@@ -406,17 +375,7 @@ class VfioPciTransport(Transport):
                         "or the device removed)")
             if self._efds.get(VFIO_PCI_ERR_IRQ_INDEX) in fired:
                 return f"{self.target} reported an uncorrectable PCI error"
-            try:
-                status = self.common.status
-            except (TransportError, DeviceError) as e:
-                return f"cannot read the status of {self.target}: {e}"
-            if status == 0xFF:
-                return f"{self.target} reads status 0xff: removed or not responding"
-            if status & DeviceStatus.DEVICE_NEEDS_RESET:
-                return f"{self.target} needs a reset (DEVICE_NEEDS_RESET, status {status:#x})"
-            if self._started and not status & DeviceStatus.DRIVER_OK:
-                return f"{self.target} was reset (status {status:#x})"
-            return None
+            return self._status.loss_reason()
 
     def close(self) -> None:
         """Reset the device, MSI-X off, unmap DMA and BARs, close the fds (idempotent,
@@ -427,7 +386,7 @@ class VfioPciTransport(Transport):
             self._closed = True
             for kicker in self._kickers:
                 kicker.disarm()
-            if hasattr(self, "common"):
+            if self._status is not None:
                 self._quietly(self._close_reset)
             if self._msix_on:
                 self._quietly(functools.partial(self._dev.disable_irqs, VFIO_PCI_MSIX_IRQ_INDEX))
@@ -452,8 +411,9 @@ class VfioPciTransport(Transport):
                 self._quietly(functools.partial(os.close, fd))
 
     def _close_reset(self) -> None:
+        assert self._status is not None
         try:
-            self._reset(min(self.timeout, 1.0))
+            self._status.reset(min(self.timeout, 1.0))
         finally:
             self._command(0, PCI_COMMAND_MASTER)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..errors import ConnectError, ControlTimeout, ProtocolError, TransportError
 from ..eventfd import EventfdKicker
 from ..transport import Kicker, MemoryMap, Transport
-from ..virtio import VirtioFeature
+from .virtio_status import require_features
 
 
 class Request(enum.IntEnum):
@@ -233,10 +233,10 @@ class VhostUserTransport(Transport):
         """
         self._command(Request.SET_OWNER)
         offered = self._call_u64(Request.GET_FEATURES)
-        if not offered & VirtioFeature.VERSION_1:
-            raise self._fail(ConnectError(
-                f"back-end at {self.path} does not offer VIRTIO_F_VERSION_1 (features "
-                f"{offered:#x}): legacy virtio devices are not supported"))
+        try:
+            require_features(offered, self.target)
+        except ConnectError as e:
+            raise self._fail(e) from None
         if not offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             raise self._fail(ConnectError(
                 f"back-end at {self.path} does not offer VHOST_USER_F_PROTOCOL_FEATURES: "

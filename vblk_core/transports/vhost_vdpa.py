@@ -6,6 +6,9 @@ One session is one open of the character device:
     open -> SET_OWNER -> reset (status 0) -> ACKNOWLEDGE|DRIVER -> features -> FEATURES_OK
          -> config -> IOTLB update (our memfd at an IOVA) -> vrings -> DRIVER_OK ... -> reset, close
 
+The status steps are virtio_status's; this module supplies their primitives (GET/SET_STATUS,
+GET/SET_FEATURES) and everything vhost-specific.
+
 Memory reaches the device through IOTLB messages (struct vhost_msg_v2) written to the fd; the
 device then sees the region at an IOVA we choose inside the device's valid range.  Reconnecting
 means opening and resetting the same device again.  Every ioctl failure is a ConnectError (or
@@ -16,13 +19,15 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import ConnectError, DeviceError, TransportError
 from ..eventfd import EventfdKicker, eventfd_clear_holding_gil
 from ..transport import Kicker, MemoryMap, Transport
-from ..virtio import VIRTIO_ID_BLOCK, DeviceStatus, VirtioFeature
+from ..virtio import VIRTIO_ID_BLOCK, VirtioFeature
 from .ioctl import IOC_NONE, IOC_READ, IOC_WRITE, OsFileOps, call, failure, ioc, name_ioctls
+from .virtio_status import VirtioStatus
 
 VHOST_VIRTIO = 0xAF   # the ioctl type of linux/vhost.h
 VHOST_GET_FEATURES = ioc(IOC_READ, VHOST_VIRTIO, 0x00, 8)
@@ -102,30 +107,62 @@ _FIXES = {
 }
 
 
-class VhostVdpaConnector:
-    """Opens /dev/vhost-vdpa-N; every reconnect opens and resets it again."""
+class StatusIoctls:
+    """The status register and feature words of an open vhost-vdpa device, one ioctl each
+    (virtio_status.StatusRegisters); ``ioctl`` raises a TransportError if one fails."""
 
-    def __init__(self, path: str, ops: DeviceOps | None = None) -> None:
+    def __init__(self, ioctl: Callable[[int, bytearray], None]) -> None:
+        self._ioctl = ioctl
+
+    @property
+    def status(self) -> int:
+        buf = bytearray(1)
+        self._ioctl(VHOST_VDPA_GET_STATUS, buf)
+        return buf[0]
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._ioctl(VHOST_VDPA_SET_STATUS, bytearray([value]))
+
+    def device_features(self) -> int:
+        buf = bytearray(_U64.size)
+        self._ioctl(VHOST_GET_FEATURES, buf)
+        features: int = _U64.unpack(buf)[0]
+        return features
+
+    def set_driver_features(self, features: int) -> None:
+        self._ioctl(VHOST_SET_FEATURES, bytearray(_U64.pack(features)))
+
+
+class VhostVdpaConnector:
+    """Opens /dev/vhost-vdpa-N; every reconnect opens and resets it again.  ``timeout``
+    bounds the device's reset."""
+
+    def __init__(self, path: str, ops: DeviceOps | None = None, *,
+                 timeout: float = 5.0) -> None:
         self.path = path
         self.ops = ops or OsDeviceOps()
+        self.timeout = timeout
         self.target = VhostVdpaTransport.describe(path)
 
     def connect(self) -> VhostVdpaTransport:
-        return VhostVdpaTransport(self.path, self.ops)
+        return VhostVdpaTransport(self.path, self.ops, timeout=self.timeout)
 
 
 class VhostVdpaTransport(Transport):
     """One open of a vhost-vdpa device (a Transport)."""
 
-    def __init__(self, path: str, ops: DeviceOps | None = None) -> None:
-        """Open the device, take ownership, check it is a block device, reset it.
-        Raises ConnectError naming the ioctl and the fix."""
+    def __init__(self, path: str, ops: DeviceOps | None = None, *,
+                 timeout: float = 5.0) -> None:
+        """Open the device, take ownership, check it is a block device, reset it (waiting
+        at most ``timeout`` seconds), ACKNOWLEDGE|DRIVER.  Raises ConnectError naming the
+        ioctl and the fix."""
         self.path = path
         self.target = self.describe(path)
         self.ops = ops or OsDeviceOps()
+        self.timeout = timeout
         self._fd = -1
-        self._running = False
-        self._status = 0
+        self._status = VirtioStatus(StatusIoctls(self._ioctl), self.target)
         self._eventfds: list[int] = []
         self._mapped: tuple[int, int] | None = None   # (iova, size)
         self._backend_features = 0
@@ -140,8 +177,8 @@ class VhostVdpaTransport(Transport):
                 raise ConnectError(f"{self.target} is not a block device (virtio device id "
                                    f"{device_id}, a block device is {VIRTIO_ID_BLOCK})",
                                    errno.ENODEV)
-            self._set_status(0)   # reset: whatever a previous owner left is gone
-            self._set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+            self._status.reset(timeout)
+            self._status.acknowledge()
             self._negotiate_backend()
             self._vqs: int = _U32.unpack(self._get(VHOST_VDPA_GET_VQS_COUNT, 4))[0]
             self._vring_num: int = _U16.unpack(self._get(VHOST_VDPA_GET_VRING_NUM, 2))[0]
@@ -170,20 +207,13 @@ class VhostVdpaTransport(Transport):
     # --- ioctls -----------------------------------------------------------------------------
 
     def _ioctl(self, request: int, arg: bytearray | int) -> None:
-        cls = TransportError if self._running else ConnectError
+        cls = TransportError if self._status.started else ConnectError
         call(self.ops, self._fd, request, arg, self.target, _FIXES, cls)
 
     def _get(self, request: int, size: int) -> bytearray:
         buf = bytearray(size)
         self._ioctl(request, buf)
         return buf
-
-    def _set_status(self, status: int) -> None:
-        self._ioctl(VHOST_VDPA_SET_STATUS, bytearray([status]))
-        self._status = status
-
-    def _get_status(self) -> int:
-        return self._get(VHOST_VDPA_GET_STATUS, 1)[0]
 
     def _negotiate_backend(self) -> None:
         offered = _U64.unpack(self._get(VHOST_GET_BACKEND_FEATURES, 8))[0]
@@ -197,19 +227,8 @@ class VhostVdpaTransport(Transport):
     # --- the Transport interface --------------------------------------------------------------
 
     def negotiate(self, driver_features: int) -> int:
-        offered: int = _U64.unpack(self._get(VHOST_GET_FEATURES, 8))[0]
-        if not offered & VirtioFeature.VERSION_1:
-            raise ConnectError(f"{self.target} does not offer VIRTIO_F_VERSION_1 (features "
-                               f"{offered:#x}): legacy devices are not supported")
-        # ACCESS_PLATFORM: the device's DMA goes through the vDPA IOTLB we program.
-        wanted = driver_features | VirtioFeature.ACCESS_PLATFORM
-        features = offered & wanted
-        self._ioctl(VHOST_SET_FEATURES, bytearray(_U64.pack(features)))
-        self._set_status(self._status | DeviceStatus.FEATURES_OK)
-        if not self._get_status() & DeviceStatus.FEATURES_OK:
-            raise ConnectError(f"{self.target} did not accept features {features:#x} "
-                               "(FEATURES_OK did not stick)")
-        return features & ~int(VirtioFeature.ACCESS_PLATFORM)
+        # ACCESS_PLATFORM, when offered: the device's DMA goes through the IOTLB we program.
+        return self._status.negotiate(driver_features, VirtioFeature.ACCESS_PLATFORM)
 
     @property
     def max_queues(self) -> int:
@@ -276,38 +295,27 @@ class VhostVdpaTransport(Transport):
         return EventfdKicker(kick_fd)
 
     def start(self) -> None:
-        self._set_status(self._status | DeviceStatus.DRIVER_OK)
-        status = self._get_status()
-        if not status & DeviceStatus.DRIVER_OK or status & DeviceStatus.FAILED:
-            raise ConnectError(f"{self.target} did not start (status {status:#x} after "
-                               "DRIVER_OK)")
-        self._running = True
+        self._status.start()
 
     def loss_fd(self) -> int:
         # The config interrupt: a device that needs a reset says so with a config change.
         return self._config_call if self._fd >= 0 else -1
 
     def loss_reason(self) -> str | None:
+        if self._fd < 0:
+            return f"the session with {self.target} is closed"
         eventfd_clear_holding_gil(self._config_call)
-        try:
-            status = self._get_status()
-        except TransportError as e:
-            return str(e)
-        if status & DeviceStatus.DEVICE_NEEDS_RESET:
-            return f"{self.target} needs a reset (status {status:#x})"
-        if status & DeviceStatus.FAILED or not status & DeviceStatus.DRIVER_OK:
-            return f"{self.target} stopped (status {status:#x})"
-        return None
+        return self._status.loss_reason()
 
     def close(self) -> None:
         """Reset the device, drop the mapping, close everything (idempotent, never raises)."""
         if self._fd >= 0:
-            fd, self._fd = self._fd, -1
             for action in (self._close_reset, self._close_unmap):
                 try:
-                    action(fd)
+                    action()
                 except (OSError, TransportError):
                     pass
+            fd, self._fd = self._fd, -1
             try:
                 self.ops.close(fd)
             except OSError:
@@ -315,14 +323,13 @@ class VhostVdpaTransport(Transport):
         for efd in self._eventfds:
             os.close(efd)
         self._eventfds.clear()
-        self._running = False
 
-    def _close_reset(self, fd: int) -> None:
-        self.ops.ioctl(fd, VHOST_VDPA_SET_STATUS, bytearray([0]))
+    def _close_reset(self) -> None:
+        self._status.reset(min(self.timeout, 1.0))
 
-    def _close_unmap(self, fd: int) -> None:
+    def _close_unmap(self) -> None:
         if self._mapped is not None:
             iova, size = self._mapped
             self._mapped = None
-            self.ops.write(fd, _MSG_V2.pack(VHOST_IOTLB_MSG_V2, 0, iova, size, 0, 0,
-                                            VHOST_IOTLB_INVALIDATE))
+            self.ops.write(self._fd, _MSG_V2.pack(VHOST_IOTLB_MSG_V2, 0, iova, size, 0, 0,
+                                                  VHOST_IOTLB_INVALIDATE))
