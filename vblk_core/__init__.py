@@ -1,9 +1,26 @@
-"""vblk_core: a pure-Python multi-queue virtio-blk driver.
+"""vblk_core: a pure-Python multi-queue virtio-blk driver (imports neither nbdkit nor the plugin).
 
-Layers, each only calling downward: layout -> memory -> virtqueue -> virtio / virtio_blk ->
-transport (the interface; transports/ holds vhost_user, vhost_vdpa and vfio_pci, which
-implement it) -> device_info, request,
-queues, supervisor, dispatch, batch -> device (the multi-queue block device).
+Each module: what it owns | what it may import of vblk_core (only modules above it).
+
+    errors.py      exceptions, each with its errno      | -
+    layout.py      split-ring layout, MAX_QUEUE_SIZE    | -
+    eventfd.py     eventfd syscalls holding the GIL     | -
+    virtio.py      generic virtio feature, status bits  | -
+    memory.py      the shared memfd region, address map | errors
+    virtqueue.py   one split ring: desc, avail, used    | errors layout
+    virtio_blk.py  virtio-blk features, slot, config    | errors layout virtio
+    transport.py   Transport/Connector: the interface   | layout
+    transports/    the transports (see its __init__)    | errors eventfd layout transport virtio
+    device_info.py identify/probe: features, config     | layout transport virtio_blk
+    request.py     BlockRequest, resubmittable          | errors virtio_blk
+    queues.py      QueueRunner: publish, kick, reap     | errors eventfd request transport
+                                                          virtio_blk virtqueue
+    supervisor.py  sessions: loss, reconnect, recovery  | device_info errors request transport
+    dispatch.py    queue choice, back-pressure, stalls  | errors queues request supervisor
+    batch.py       split transfers, ranged requests     | errors memory request virtio_blk
+    device.py      BlockDevice: the multi-queue device  | all of the above but transports/
+
+This __init__ exports the public API, the three transports' connectors included.
 """
 from .device import BlockDevice
 from .device_info import DeviceIdentity, DeviceInfo, probe
