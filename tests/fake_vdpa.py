@@ -7,6 +7,9 @@ Written from linux/vhost.h and the kernel's documented behaviour, independently 
 ioctl numbers are computed here, not imported.  Knobs: ``fail`` (ioctl name -> errno),
 ``open_errno``, ``device_id``, ``features``, ``backend_features``, ``vqs``, ``vring_num``,
 ``iova_range``, ``features_ok_sticks``, ``driver_ok_sticks``, ``short_iotlb_write``.
+
+``backing_fd(iova)`` is the VDUSE side: the file a VDUSE daemon gets for a mapping from
+VDUSE_IOTLB_GET_FD (the kernel hands it the file behind the user address we registered).
 """
 from __future__ import annotations
 
@@ -243,6 +246,34 @@ class FakeVdpaDevice:
         self._vring(index)["enabled"] = enable
 
     # --- the device side -------------------------------------------------------------------
+
+    def backing_fd(self, iova: int) -> int:
+        """A read-write fd of the file that backs the mapping at ``iova``, as
+        VDUSE_IOTLB_GET_FD gives it (drivers/vhost/vdpa.c registers the vma's file with a
+        VDUSE device).  Found as the kernel does, from the user address: the inode of its
+        mapping in /proc/self/maps, reopened through the fd of this process that holds it.
+        The caller closes it.  Raises OSError(ENOENT) if no such file is open here."""
+        _size, uaddr = self.iotlb[iova]
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                span, _perms, _off, dev, inode = line.split()[:5]
+                start, end = (int(x, 16) for x in span.split("-"))
+                if start <= uaddr < end:
+                    break
+            else:
+                raise OSError(errno.ENOENT, f"{uaddr:#x} is not mapped")
+        if inode == "0":
+            raise OSError(errno.ENOENT, f"{uaddr:#x} is anonymous memory: no file behind it")
+        major, minor = (int(x, 16) for x in dev.split(":"))
+        want = (int(inode), os.makedev(major, minor))
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                st = os.stat(f"/proc/self/fd/{name}")
+                if (st.st_ino, st.st_dev) == want:
+                    return os.open(f"/proc/self/fd/{name}", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue    # an fd that closed meanwhile, or one that cannot be reopened
+        raise OSError(errno.ENOENT, f"no open file behind {uaddr:#x} (inode {inode})")
 
     def _translate(self, iova: int, length: int) -> tuple[memoryview, int]:
         """A view of the mapped region holding [iova, iova+length), and that region's iova."""

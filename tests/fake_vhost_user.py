@@ -41,6 +41,7 @@ control plane
                          request number), "flags" (no REPLY bit), "version" (version 2),
                          "short" (a 4-byte payload where 8 are due), "huge" (size 0xfffffff0),
                          "truncated" (size 8, only 4 bytes sent, then silence for good),
+                         "trickle" (the whole reply, one byte every TRICKLE_SECONDS),
                          "nack" (ack 1)
     features=...         the offered feature bits (e.g. without VERSION_1)
     protocol_features=.. the offered protocol features
@@ -48,6 +49,7 @@ control plane
     config={field: v}    config-space overrides (capacity in sectors, blk_size, seg_max, ...)
     config_reply=...     "empty" (GET_CONFIG answered with an empty payload), "short_header",
                          "wrong_offset", "oversize" (more bytes than asked)
+    stray_fds=N          attach N fds (fresh memfds named "stray") to every reply
     unsolicited_after_handshake  send a stray message once the last ring is enabled
     close_after_handshake        close the connection once the last ring is enabled
                          ("the last ring": expect_queues rings, default min(num_queues, 4),
@@ -71,6 +73,9 @@ completion on the queue)
                          listening for the next front-end
     "vanish"             like disconnect, but also stop listening, unlink the socket and end the
                          thread: a device that is gone (a fresh fake may take the path)
+    "resize_memory"      before serving it, try to shrink, grow and seal the memory file of every
+                         region (memory_attack.attack); what each attempt got is appended to
+                         ``memory_attacks``, then the request is served normally
 """
 from __future__ import annotations
 
@@ -84,6 +89,8 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+
+from memory_attack import attack
 
 # --- vhost-user ------------------------------------------------------------------------------
 
@@ -158,8 +165,12 @@ CONFIG_SIZE = 60
 SERIAL = b"fake_vhost_blk\0"
 
 IO_FAULTS = ("id_out_of_range", "double_complete", "replay", "len_too_big", "short_read",
-             "bad_status", "no_status", "used_idx_jump", "drop", "disconnect", "vanish")
-BAD_REPLIES = ("code", "flags", "version", "short", "huge", "truncated", "nack")
+             "bad_status", "no_status", "used_idx_jump", "drop", "disconnect", "vanish",
+             "resize_memory")
+BAD_REPLIES = ("code", "flags", "version", "short", "huge", "truncated", "nack", "trickle")
+#: "trickle": each byte of the reply comes well within a control timeout of 1 s, the whole
+#: reply (20 bytes for GET_FEATURES) far beyond it
+TRICKLE_SECONDS = 0.5
 
 #: every fault injected by any fake in this process, by kind
 INJECTED: collections.Counter = collections.Counter()
@@ -173,11 +184,13 @@ def need_event(event: int, new: int, old: int) -> bool:
 class _Region:
     def __init__(self, guest: int, size: int, user: int, offset: int, fd: int) -> None:
         self.guest, self.size, self.user = guest, size, user
+        self.fd = fd       # kept, as a back-end may keep it (the "resize_memory" fault uses it)
         try:
             self.mm = mmap.mmap(fd, size + offset, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self.view = memoryview(self.mm)[offset:offset + size]
         # 16-bit ring words are read and written whole: struct packs and unpacks byte by byte,
         # and a torn index would look like a ring that moved by ~65535 entries
@@ -190,6 +203,7 @@ class _Region:
             self.mm.close()
         except BufferError:
             pass  # a stray slice is still alive: the mapping goes when it does
+        os.close(self.fd)
 
 
 class _Vring:
@@ -226,7 +240,7 @@ class FakeVhostUserBlk:
                  read_only: bool = False,
                  close_after: int | None = None, silent_from: int | None = None,
                  bad_reply: tuple[int, str] | None = None, config_reply: str | None = None,
-                 unsolicited_after_handshake: bool = False,
+                 unsolicited_after_handshake: bool = False, stray_fds: int = 0,
                  close_after_handshake: bool = False,
                  io_fault: str | None = None, io_fault_at: int = 0,
                  io_fault_count: int | None = 1, short_bytes: int = 0,
@@ -255,6 +269,7 @@ class FakeVhostUserBlk:
         assert config_reply in (None, "empty", "short_header", "wrong_offset", "oversize")
         self.config_reply = config_reply
         self.unsolicited_after_handshake = unsolicited_after_handshake
+        self.stray_fds = stray_fds
         self.close_after_handshake = close_after_handshake
         assert io_fault is None or io_fault in IO_FAULTS, io_fault
         self.io_fault = io_fault
@@ -275,6 +290,7 @@ class FakeVhostUserBlk:
         self.completed = 0
         self.ops: collections.Counter = collections.Counter()
         self.served: list[Served] = []        # every request, in the order it was served
+        self.memory_attacks: list[dict[str, int]] = []   # "resize_memory": attempt -> errno
         self.negotiated_features: int | None = None
         self.handshakes_done = 0
         self.gone = threading.Event()         # set when the thread has ended
@@ -469,6 +485,23 @@ class FakeVhostUserBlk:
                 return
             elif how == "nack":
                 payload = U64.pack(1)
+            elif how == "trickle":
+                for byte in HDR.pack(code, flags, size) + payload:
+                    self._send(bytes([byte]))
+                    time.sleep(TRICKLE_SECONDS)
+                return
+        if self.stray_fds:
+            self._inject("stray_fds")
+            fds = [os.memfd_create("stray", os.MFD_CLOEXEC) for _ in range(self.stray_fds)]
+            try:
+                assert self._conn is not None
+                socket.send_fds(self._conn, [HDR.pack(code, flags, size) + payload], fds)
+            except OSError:
+                raise _Drop() from None
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return
         self._send(HDR.pack(code, flags, size) + payload)
 
     def _handle_message(self) -> None:
@@ -696,6 +729,10 @@ class FakeVhostUserBlk:
             if fault == "drop":
                 self._inject("drop")
                 continue
+            if fault == "resize_memory":
+                self._inject(fault)
+                self.memory_attacks.extend(attack(r.fd) for r in self._regions)
+                fault = None
             if fault == "replay":
                 if vr.last_completion is None:
                     fault = None
