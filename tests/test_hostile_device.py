@@ -420,6 +420,9 @@ BAD_REPLY_CASES = [
     (Req.GET_FEATURES, "short", ProtocolError, r"GET_FEATURES is 4 bytes, expected 8"),
     (Req.GET_FEATURES, "huge", ProtocolError, r"GET_FEATURES claims a 4294967280-byte"),
     (Req.GET_FEATURES, "truncated", ControlTimeout, r"did not answer GET_FEATURES"),
+    # one byte every 0.5 s: each recv() is quick, the reply as a whole is not (bounded by the
+    # exchange's deadline, not per read)
+    (Req.GET_FEATURES, "trickle", ControlTimeout, r"did not answer GET_FEATURES within 1s"),
     (Req.GET_PROTOCOL_FEATURES, "short", ProtocolError, r"GET_PROTOCOL_FEATURES is 4 bytes"),
     (Req.GET_QUEUE_NUM, "huge", ProtocolError, r"GET_QUEUE_NUM claims"),
     (Req.GET_QUEUE_NUM, "code", ProtocolError, r"answered GET_QUEUE_NUM with a reply to req"),

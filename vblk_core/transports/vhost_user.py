@@ -4,9 +4,12 @@ A ``VhostUserTransport`` is one control connection with an explicit state:
 
     CONNECTING --negotiate()/setup_queue()/start()--> READY --close() or any error--> CLOSED
 
-Every read from the back-end has a timeout (a busy back-end answers nobody else), every reply is
-checked (request code, flags, size), and every failure raises a TransportError subclass that
-says what failed.  Once CLOSED a session is never reused: make a new one.
+Each exchange (a message and its reply) must finish within the timeout as a whole: a back-end
+that stops reading cannot block a send, one that answers a byte at a time cannot stretch a reply
+past it (a busy back-end answers nobody else).  Every reply is checked (request code, flags,
+size); fds a back-end attaches to a reply are never received (the kernel closes them); a closed
+connection is EPIPE, never SIGPIPE.  Every failure raises a TransportError subclass that says
+what failed.  Once CLOSED a session is never reused: make a new one.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from ..errors import ConnectError, ControlTimeout, ProtocolError, TransportError
@@ -114,6 +118,7 @@ class VhostUserTransport(Transport):
         self._num_queues = 1
         self._kick_fds: list[int] = []
         self._lock = threading.Lock()
+        self._deadline = 0.0    # when the current exchange must be over (monotonic)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._sock.settimeout(timeout)
         try:
@@ -144,23 +149,39 @@ class VhostUserTransport(Transport):
         self.close()
         return exc
 
+    def _timed_out(self, request: Request, verb: str) -> TransportError:
+        """Close; the ControlTimeout saying the back-end did not ``verb`` ``request``."""
+        hint = " (is another front-end connected to it?)" if verb == "answer" else ""
+        return self._fail(ControlTimeout(
+            f"vhost-user back-end at {self.path} did not {verb} {request.name} within "
+            f"{self.timeout:g}s{hint}"))
+
+    def _time_left(self, request: Request, verb: str) -> None:
+        """Give the socket what is left of the exchange's time.  Raises ControlTimeout (and
+        closes) if nothing is left."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._timed_out(request, verb)
+        self._sock.settimeout(left)
+
     def _send(self, request: Request, payload: bytes = b"", fds: list[int] | None = None,
               need_reply: bool = False) -> None:
+        """Send one message; this starts an exchange (the reply, if any, shares its time)."""
         if self.state is SessionState.CLOSED:
             raise TransportError(f"vhost-user session to {self.path} is closed")
         flags = FLAG_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
         data = HEADER.pack(request, flags, len(payload)) + payload
+        self._deadline = time.monotonic() + self.timeout
         try:
-            if fds:
-                sent = socket.send_fds(self._sock, [data], fds)
-            else:
-                sent = self._sock.send(data)
-            if sent != len(data):
-                self._sock.sendall(data[sent:])
+            sent = 0
+            while sent < len(data):
+                self._time_left(request, "accept")
+                if fds and not sent:
+                    sent = socket.send_fds(self._sock, [data], fds, socket.MSG_NOSIGNAL)
+                else:
+                    sent += self._sock.send(data[sent:], socket.MSG_NOSIGNAL)
         except TimeoutError:
-            raise self._fail(ControlTimeout(
-                f"vhost-user back-end at {self.path} did not accept {request.name} within "
-                f"{self.timeout:g}s")) from None
+            raise self._timed_out(request, "accept") from None
         except OSError as e:
             raise self._fail(TransportError(
                 f"sending {request.name} to {self.path} failed: {e.strerror or e}")) from None
@@ -168,12 +189,11 @@ class VhostUserTransport(Transport):
     def _recv_exact(self, n: int, request: Request) -> bytes:
         buf = bytearray()
         while len(buf) < n:
+            self._time_left(request, "answer")
             try:
                 chunk = self._sock.recv(n - len(buf))
             except TimeoutError:
-                raise self._fail(ControlTimeout(
-                    f"vhost-user back-end at {self.path} did not answer {request.name} within "
-                    f"{self.timeout:g}s (is another front-end connected to it?)")) from None
+                raise self._timed_out(request, "answer") from None
             except OSError as e:
                 raise self._fail(TransportError(
                     f"reading the reply to {request.name} from {self.path} failed: "
