@@ -698,6 +698,11 @@ BAD_CONFIGS = [
     ("stats-empty", ["socket={DAEMON}", "stats="], "stats= needs a path"),
     ("stats-no-directory", ["socket={DAEMON}", "stats={DIR}/no/such/stats.json"],
      "stats={DIR}/no/such/stats.json: directory {DIR}/no/such does not exist"),
+    # sysfs takes no new files, not even root's
+    ("stats-unwritable-directory", ["socket={DAEMON}", "stats=/sys/vblk-stats.json"],
+     "stats=/sys/vblk-stats.json: nbdkit cannot create files in /sys"),
+    ("stats-is-a-directory", ["socket={DAEMON}", "stats={DIR}"],
+     "stats={DIR} is a directory: give the path of a file"),
     ("request-timeout-0", ["socket={DAEMON}", "request-timeout=0"],
      "request-timeout=0 is out of range: use more than 0 to 86400 seconds"),
     ("request-timeout-word", ["socket={DAEMON}", "request-timeout=soon"],

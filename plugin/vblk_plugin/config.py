@@ -15,6 +15,7 @@ from vblk_core.transports.vfio import normalize_pci_address
 from vblk_core.virtio_blk import queue_size_problem
 
 from . import placement as placement_mod
+from . import stats as stats_mod
 from .qsd import AIO_MODES, FORMATS
 
 MAX_QUEUES = 64
@@ -176,9 +177,7 @@ class PluginConfig:
                 raise ConfigError(f"image={self.image} is empty: give it a size, e.g. "
                                   f"truncate -s 1G {self.image}")
         if self.stats:
-            parent = os.path.dirname(self.stats)
-            if not os.path.isdir(parent):
-                raise ConfigError(f"stats={self.stats}: directory {parent} does not exist")
+            stats_mod.check_path(self.stats)
 
 
 def _stat_key(key: str, path: str, fix_if_missing: str) -> os.stat_result:
