@@ -72,6 +72,16 @@ def context_switches(pid):
     return total
 
 
+def exited(pid):
+    """Whether process pid has ended (gone, or a zombie not yet reaped by its parent)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return True
+    return s[s.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
 def num_threads(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:

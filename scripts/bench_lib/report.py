@@ -3,6 +3,8 @@
 import json
 import statistics
 
+from . import walltime
+
 
 def _med(xs):
     xs = [x for x in xs if x is not None]
@@ -42,6 +44,13 @@ def aggregate(runs, servers, workloads):
                 "cpu_us_per_req": cpu, "cpu_util": util, "cswch_per_req": cswch,
                 "vmhwm_kib_max": hwm, "sampled_rss_kib_max": sampled,
             }
+            timings = [r["fio"]["timing"] for r in ok if r["fio"].get("timing")]
+            if timings:
+                summary[s][w.name].update(
+                    overlap_median=_med([t["overlap"] for t in timings]),
+                    overlap_min=min(t["overlap"] for t in timings),
+                    not_overlapped=sum(not t["overlapped"] for t in timings),
+                    fio_sum_iops_median=_med([r["fio"].get("fio_sum_iops") for r in ok]))
     return summary
 
 
@@ -71,12 +80,24 @@ def fmt_val(v, unit):
 
 
 def fmt_range(e):
+    """Median (min–max) of a summary entry; ⚠ when in some round the connections of a
+    multi-connection workload did not run at once."""
     if not e.get("n"):
         return "failed" if e.get("failed") else "–"
     u = e["unit"]
+    flag = " ⚠" if e.get("not_overlapped") else ""
     if e["n"] == 1:
-        return fmt_val(e["median"], u)
-    return "%s (%s–%s)" % (fmt_val(e["median"], u), fmt_val(e["min"], u), fmt_val(e["max"], u))
+        return fmt_val(e["median"], u) + flag
+    return "%s (%s–%s)%s" % (fmt_val(e["median"], u), fmt_val(e["min"], u),
+                             fmt_val(e["max"], u), flag)
+
+
+def server_label(meta, name, plain=False):
+    """A server's name for tables (code-quoted unless plain), marked when it is context (a
+    reference that is not a peer of vblk, such as libblkio's io_uring driver on the file)."""
+    spec = meta.get("server_specs", {}).get(name, {})
+    text = name if plain else "`%s`" % name
+    return text + " (context)" if spec.get("context") else text
 
 
 def _gist(text):
@@ -95,6 +116,41 @@ def _table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def multi_connection_section(meta, summary, servers, workloads, runs):
+    """Report lines on the multi-connection workloads: how they were timed, each server's
+    overlap, and every run whose connections did not run at once."""
+    multi = [w for w in workloads if w.numjobs > 1]
+    if not any(summary[s][w.name].get("overlap_min") is not None
+               for s in servers for w in multi):
+        return []
+    rows = []
+    for s in servers:
+        cells = []
+        for w in multi:
+            e = summary[s][w.name]
+            if e.get("overlap_min") is None:
+                cells.append("–")
+                continue
+            cells.append("%.2f (%.2f)%s / %s" % (
+                e["overlap_median"], e["overlap_min"], " ⚠" if e["not_overlapped"] else "",
+                fmt_val(e.get("fio_sum_iops_median"), "IOPS")))
+        rows.append([server_label(meta, s)] + cells)
+    lines = ["## Several connections, by wall clock", "",
+             "Throughput = all connections' requests / the time in which at least one of them "
+             "was measuring (the union of fio's per-job intervals, each after its own ramp); "
+             "server CPU per request is taken over that same time and total. Overlap = the time "
+             "all connections were measuring at once / that time: below %.1f (⚠) the server "
+             "took the connections in turn. fio's sum = the per-job IOPS added up (what "
+             "`--group_reporting` reports), which counts connections served one after another "
+             "as if served at once." % walltime.OVERLAP_MIN, "",
+             _table(["server"] + ["%s: overlap median (min) / fio's sum" % w.label
+                                  for w in multi], rows), ""]
+    flagged = [r for r in runs if r.get("flags")]
+    lines += ["- ⚠ round %s `%s` %s: %s" % (r.get("round", "?"), r["server"], r["workload"],
+                                           "; ".join(r["flags"])) for r in flagged]
+    return lines + ([""] if flagged else [])
 
 
 def markdown(meta, summary, servers, workloads, skipped, runs):
@@ -142,13 +198,18 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
 
     rows = []
     for s in servers:
-        rows.append(["`%s`" % s] + [fmt_range(summary[s][w.name]) for w in workloads])
+        rows.append([server_label(meta, s)] + [fmt_range(summary[s][w.name]) for w in workloads])
     if has_floor:
         rows.append(["**floor** (best model)"] + [
             "%s (%s)" % (fmt_val(floor[w.name][1], w.unit), floor[w.name][0].split("-", 1)[1])
             if floor[w.name][0] else "–" for w in workloads])
     lines += ["## Throughput", "", "Median (min–max) over rounds; IOPS for 4 KiB, MB/s "
               "(10^6 bytes/s) for 1 MiB.", "", _table(heads, rows), ""]
+    context = [s for s in servers if meta.get("server_specs", {}).get(s, {}).get("context")]
+    if context:
+        lines += ["%s: context, not a peer of vblk (what each is: *Servers* below)."
+                  % ", ".join("`%s`" % s for s in context), ""]
+    lines += multi_connection_section(meta, summary, servers, workloads, runs)
 
     for title, ref in (("vs the Python floor (best of the two thread models)", "floor"),
                        ("vs qemu-storage-daemon's NBD export", "qsd-nbd")):
@@ -161,7 +222,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
                 base = floor[w.name][1] if ref == "floor" else summary["qsd-nbd"][w.name].get(
                     "median")
                 cells.append(_ratio(summary[s][w.name].get("median"), base))
-            rows.append(["`%s`" % s] + cells)
+            rows.append([server_label(meta, s)] + cells)
         lines += ["## Ratio of medians " + title, "", _table(heads, rows), ""]
 
     rows = []
@@ -172,7 +233,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
             main = "qsd" if s.startswith("qsd-") else "nbdkit"
             v = (e.get("cpu_us_per_req") or {}).get(main)
             cells.append("%.1f" % v if v is not None else "–")
-        rows.append(["`%s`" % s] + cells)
+        rows.append([server_label(meta, s)] + cells)
     lines += ["## Server CPU per request (µs, median)", "",
               "utime+stime of the NBD server process (nbdkit; qemu-storage-daemon for `qsd-*`) "
               "over the steady-state window, divided by requests completed. For vblk the "
@@ -185,7 +246,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
             c = summary[s][w.name].get("cswch_per_req") or {}
             parts = ["%s %.2f" % (role, v) for role, v in sorted(c.items()) if v is not None]
             cells.append(", ".join(parts) or "–")
-        rows.append(["`%s`" % s] + cells)
+        rows.append([server_label(meta, s)] + cells)
     lines += ["## Context switches per request (median; a count of sleeps and wake-ups)", "",
               "Voluntary + involuntary switches of all threads of each server process over the "
               "steady-state window, divided by requests completed (`rt`'s device process is "
@@ -202,7 +263,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
                 else:
                     cells.append("%.1f (total %.1f)" % (c["qsd"], c["qsd"] + (c.get("nbdkit")
                                                                              or 0)))
-            rows.append(["`%s`" % s] + cells)
+            rows.append([server_label(meta, s)] + cells)
         lines += ["## vhost-user-blk back-end (qemu-storage-daemon) CPU per request (µs, median)",
                   "", _table(["server"] + [w.label for w in workloads], rows), ""]
 
@@ -215,7 +276,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
             h = (e.get("vmhwm_kib_max") or {}).get(main)
             p = (e.get("sampled_rss_kib_max") or {}).get(main)
             cells.append("%.0f (%.0f)" % (h / 1024, (p or 0) / 1024) if h else "–")
-        rows.append(["`%s`" % s] + cells)
+        rows.append([server_label(meta, s)] + cells)
     lines += ["## Peak RSS of the NBD server process (MiB)", "",
               "VmHWM at the end of the run (psutil-sampled peak in parentheses), max over rounds."
               " Only `memory` keeps image data in its own RSS; the others use the page cache.", "",
@@ -228,7 +289,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
             e = summary[s][w.name]
             cells.append("%.0f / %.0f" % (e["lat_p50_us_median"], e["lat_p99_us_median"])
                          if e.get("n") else "–")
-        rows.append(["`%s`" % s] + cells)
+        rows.append([server_label(meta, s)] + cells)
     lines += ["## fio completion latency p50 / p99 (µs, median over rounds)", "",
               _table(["server"] + [w.label for w in workloads], rows), ""]
 
@@ -240,7 +301,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
                 v = [r["machine"]["other_cpus"] for r in runs if r["server"] == s
                      and r["workload"] == w.name and r.get("machine")]
                 cells.append("%.2f" % max(v) if v else "–")
-            rows.append(["`%s`" % s] + cells)
+            rows.append([server_label(meta, s)] + cells)
         lines += ["## Other load during the runs (CPUs, max over rounds)", "",
                   "CPU used by processes other than the server and fio during the measurement "
                   "window: above ~0.2 the run shared the machine and its numbers are suspect.",
@@ -267,7 +328,7 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
             else:
                 cells.append("–")
         if any_stats:
-            stat_rows.append(["`%s`" % s] + cells)
+            stat_rows.append([server_label(meta, s)] + cells)
     if stat_rows:
         lines += ["## vblk plugin statistics (stats=)", "",
                   "Kicks per request / calls (interrupts) per request (medians) / max ring "
@@ -284,65 +345,11 @@ def markdown(meta, summary, servers, workloads, skipped, runs):
     lines += ["## Servers", ""]
     for s in servers:
         spec = meta["server_specs"].get(s, {})
-        lines.append("- `%s`: %s" % (s, spec.get("description", "")))
+        lines.append("- %s: %s" % (server_label(meta, s), spec.get("description", "")))
         for role, argv in (meta["server_argv"].get(s) or {}).items():
             lines.append("  - %s: `%s`" % (role, " ".join(argv)))
     lines.append("")
     return "\n".join(lines)
-
-
-def chart(path, meta, summary, servers, workloads):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = 3
-    nrows_w = (len(workloads) + ncols - 1) // ncols
-    fig, axes = plt.subplots(2 * nrows_w, ncols, figsize=(5.2 * ncols, 2.2 + 0.42 * len(servers)
-                                                          * 2 * nrows_w), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    col = {s: colors[i % len(colors)] for i, s in enumerate(servers)}
-    ys = list(range(len(servers)))[::-1]
-    for i, w in enumerate(workloads):
-        ax = axes[i // ncols][i % ncols]
-        med = [summary[s][w.name].get("median") or 0 for s in servers]
-        lo = [m - (summary[s][w.name].get("min") or 0) if m else 0
-              for m, s in zip(med, servers, strict=False)]
-        hi = [(summary[s][w.name].get("max") or 0) - m if m else 0
-              for m, s in zip(med, servers, strict=False)]
-        ax.barh(ys, med, xerr=[lo, hi], color=[col[s] for s in servers], capsize=2)
-        ax.set_yticks(ys, servers, fontsize=8)
-        ax.set_title("%s (%s)" % (w.label, w.unit), fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
-        for y, m, h in zip(ys, med, hi, strict=False):
-            if m:
-                ax.text(m + h, y, " " + fmt_val(m, w.unit), va="center", fontsize=7)
-        ax.margins(x=0.18)
-    for i, w in enumerate(workloads):
-        ax = axes[nrows_w + i // ncols][i % ncols]
-        left = [0.0] * len(servers)
-        for role, hatch in (("nbdkit", None), ("qsd", "//")):
-            vals = [((summary[s][w.name].get("cpu_us_per_req") or {}).get(role) or 0)
-                    for s in servers]
-            ax.barh(ys, vals, left=left, color=[col[s] for s in servers], hatch=hatch,
-                    edgecolor="white" if hatch else None, label=role)
-            left = [a + b for a, b in zip(left, vals, strict=False)]
-        ax.set_yticks(ys, servers, fontsize=8)
-        ax.set_title("%s: server CPU µs/request (hatched: qsd)" % w.label, fontsize=9)
-        ax.tick_params(axis="x", labelsize=8)
-        for y, m in zip(ys, left, strict=False):
-            if m:
-                ax.text(m, y, " %.0f" % m, va="center", fontsize=7)
-        ax.margins(x=0.15)
-    for j in range(len(workloads), nrows_w * ncols):
-        axes[j // ncols][j % ncols].axis("off")
-        axes[nrows_w + j // ncols][j % ncols].axis("off")
-    fig.suptitle("vblk benchmark %s — median of %d round(s), bars: min–max%s"
-                 % (meta["timestamp"], meta["rounds"], " (quick)" if meta["quick"] else ""),
-                 fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def write_json(path, meta, summary, runs):

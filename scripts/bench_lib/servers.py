@@ -33,7 +33,7 @@ class StartError(Exception):
 @dataclass
 class ServerSpec:
     name: str
-    kind: str                      # vblk | floor | file | qsd-nbd | memory
+    kind: str              # vblk rt blkio blkio-file floor file qsd-nbd memory
     description: str
     nbdkit_threads: int | None = None     # nbdkit -t (None: nbdkit's default, 16)
     aio: str | None = None                # qemu-storage-daemon file node aio= (None: threads)
@@ -45,6 +45,8 @@ class ServerSpec:
     stats: bool = False            # pass stats=PATH to the vblk plugin and collect it
     cpus: dict = field(default_factory=dict)   # role (nbdkit, qsd, device) -> CPU list "0-1"
     fio_cpus: str | None = None    # fio --cpus_allowed
+    nbdkit_args: list = field(default_factory=list)   # e.g. ["--filter=noparallel"]
+    context: bool = False          # a reference that is not a peer of vblk (marked in reports)
 
     def to_json(self):
         return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
@@ -135,10 +137,11 @@ def _start_qsd(run, image, sockdir, tag, log, timeout, aio=None, vhost_queues=No
     return _start(run, "qsd", qsd, timeout).socket
 
 
-def _start_nbdkit(run, plugin, keys, sockdir, tag, log, timeout, threads=None, env=None):
+def _start_nbdkit(run, plugin, keys, sockdir, tag, log, timeout, threads=None, env=None,
+                  nbdkit_args=()):
     kit = harness.Nbdkit(sockdir, keys, name=tag, plugin=plugin, threads=threads,
                          extra_env=env, socket=os.path.join(sockdir, tag + ".nbd"),
-                         log_path=log)
+                         log_path=log, nbdkit_args=nbdkit_args)
     _start(run, "nbdkit", kit, timeout)
     run.main_role = "nbdkit"
     run.uri = kit.uri
@@ -174,7 +177,7 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
 
     def nbdkit(plugin, keys):
         _start_nbdkit(run, plugin, keys, sockdir, tag, log("nbdkit"), timeout,
-                      spec.nbdkit_threads, spec.env)
+                      spec.nbdkit_threads, spec.env, spec.nbdkit_args)
 
     try:
         if spec.kind == "qsd-nbd":
@@ -198,20 +201,24 @@ def start(spec, image, sockdir, logdir, tag, timeout=30.0):
             if spec.cpus.get("device"):
                 keys.append("device-cpus=" + spec.cpus["device"])
             nbdkit(RT_PLUGIN, keys)
-        elif spec.kind == "blkio":
+        elif spec.kind in ("blkio", "blkio-file"):
             if not has_blkio_plugin():
                 raise StartError("this nbdkit has no blkio plugin (nbdkit >= 1.34 with "
                                  "libblkio; Debian 13's nbdkit has it)")
-            vsock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout, aio=spec.aio,
-                               vhost_queues=spec.queues or 1)
-            nbdkit("blkio", ["virtio-blk-vhost-user", "path=" + vsock])
+            if spec.kind == "blkio-file":
+                # libblkio's io_uring driver on the image itself: no daemon, no virtio-blk.
+                nbdkit("blkio", ["io_uring", "path=" + image])
+            else:
+                vsock = _start_qsd(run, image, sockdir, tag, log("qsd"), timeout,
+                                   aio=spec.aio, vhost_queues=spec.queues or 1)
+                nbdkit("blkio", ["virtio-blk-vhost-user", "path=" + vsock])
         elif spec.kind == "floor":
             nbdkit(spec.plugin or FLOOR_PLUGIN,
                    ["file=" + image, "threads=" + spec.floor_model] + list(spec.plugin_args))
         elif spec.kind == "file":
             nbdkit("file", [image])
         elif spec.kind == "memory":
-            nbdkit("memory", [str(os.stat(image).st_size)])
+            nbdkit("memory", [str(os.stat(image).st_size)] + list(spec.plugin_args))
         else:
             raise StartError("unknown server kind %r" % spec.kind)
     except BaseException:
@@ -295,10 +302,20 @@ def catalogue(opts):
     specs.append(ServerSpec("rt-pinned", "rt", "round-trip ceiling, nbdkit on CPU 0, device "
                             "and fio on CPU 1", nbdkit_threads=4,
                             cpus={"nbdkit": "0", "device": "1"}, fio_cpus="1"))
-    specs.append(ServerSpec("blkio", "blkio", "nbdkit's blkio plugin (C, libblkio) over the "
-                            "same qemu-storage-daemon vhost-user-blk export", aio=None))
-    specs.append(ServerSpec("blkio-io_uring", "blkio", "nbdkit's blkio plugin over the daemon's "
-                            "vhost-user-blk export, aio=io_uring", aio="io_uring"))
+    # vblk's peer: nbdkit's C blkio plugin, driving the same kind of daemon as the vblk servers
+    # (same num-queues) through libblkio's virtio-blk-vhost-user driver.  The daemon serves one
+    # vhost-user front-end at a time, so each NBD connection waits for the previous one to close.
+    specs.append(ServerSpec("blkio", "blkio", "the peer: nbdkit's blkio plugin (C, libblkio's "
+                            "virtio-blk-vhost-user driver) over a qemu-storage-daemon "
+                            "vhost-user-blk export like vblk-threads' (aio=threads)",
+                            queues=opts.vblk_queues))
+    specs.append(ServerSpec("blkio-qsd-io_uring", "blkio", "the peer over a daemon like "
+                            "vblk-io_uring's: nbdkit's blkio plugin, virtio-blk-vhost-user, "
+                            "daemon aio=io_uring", aio="io_uring", queues=opts.vblk_queues))
+    specs.append(ServerSpec("blkio-io_uring", "blkio-file", "context, not the peer: nbdkit's "
+                            "blkio plugin with libblkio's io_uring driver reading the image file "
+                            "directly (no daemon, no virtio-blk device; a C file server like "
+                            "`file`)", context=True))
     specs.append(ServerSpec("floor-serialized", "floor",
                             "benchmarks/floor_plugin.py, os.preadv/os.pwrite, "
                             "THREAD_MODEL_SERIALIZE_ALL_REQUESTS",
@@ -316,6 +333,13 @@ def catalogue(opts):
                             "nbdkit memory plugin (C), sparse: reads of unwritten areas are "
                             "zeros; a protocol ceiling, not like-for-like",
                             nbdkit_threads=opts.file_threads))
+    specs.append(ServerSpec("memory-serial", "memory",
+                            "nbdkit memory plugin behind --filter=noparallel "
+                            "serialize=connections: one connection at a time, a check of the "
+                            "harness's multi-connection timing, not a reference",
+                            nbdkit_threads=opts.file_threads, context=True,
+                            nbdkit_args=["--filter=noparallel"],
+                            plugin_args=["serialize=connections"]))
     return {s.name: s for s in specs}
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from vblk_tools import harness
 
-from . import procs
+from . import procs, walltime
 
 
 @dataclass
@@ -61,13 +61,18 @@ def select(text):
 
 
 def fio_argv(w, uri, runtime, ramp, out_json, cpus=None):
+    """fio's command line.  One job: --group_reporting, json.  Several jobs (one connection
+    each): per-job results, timed by wall clock afterwards (walltime)."""
     pin = ["--cpus_allowed=" + cpus] if cpus else []
+    if w.numjobs == 1:
+        report = ["--group_reporting", "--output=" + out_json, "--output-format=json"]
+    else:
+        report = ["--output=" + out_json] + walltime.FIO_ARGS
     return ["fio"] + pin + ["--name=" + w.name, "--ioengine=nbd",
                             "--uri=" + uri] + w.fio_args() + [
         "--time_based", "--runtime=%dms" % round(runtime * 1000),
         "--ramp_time=%dms" % round(ramp * 1000),
-        "--norandommap", "--randrepeat=0", "--group_reporting",
-        "--output=" + out_json, "--output-format=json"]
+        "--norandommap", "--randrepeat=0"] + report
 
 
 def _summarize_fio(path):
@@ -105,23 +110,51 @@ def _snapshot(pids, fio_pids):
             "fio": {p: procs.cpu_ticks(p) for p in fio_pids}}
 
 
+def _reading(pids):
+    """(wall-clock time, CPU ticks and context switches of each server process) now."""
+    return (time.time(), {"ticks": {r: procs.cpu_ticks(pid) for r, pid in pids.items()},
+                          "cswch": {r: procs.context_switches(pid) for r, pid in pids.items()}})
+
+
+def _cpu_by_wall_clock(series, f, role):
+    """A multi-job run: the server process's CPU and context switches over the jobs' active
+    time (walltime), per request of the same total; {} if its readings are missing."""
+    t = f["timing"]
+    ticks = walltime.counter_over(series, t["segments"], lambda s: s["ticks"][role])
+    if ticks is None or not f["total_ios"]:
+        return {}
+    out = {"ticks_window": ticks, "wall_window_s": t["active_s"],
+           "cpu_util": ticks / procs.CLK_TCK / t["active_s"],
+           "us_per_req": ticks / procs.CLK_TCK / f["total_ios"] * 1e6}
+    cs = walltime.counter_over(series, t["segments"], lambda s: s["cswch"][role])
+    if cs is not None:
+        out["cswch_per_req"] = cs / f["total_ios"]
+    return out
+
+
 def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     """Run fio workload w against the started server run; return a result dict.
 
     Server CPU: utime+stime ticks of each server process, read from /proc/PID/stat at the end of
     fio's ramp and just before its runtime ends; CPU seconds per wall second over that window,
     divided by fio's IOPS (which covers the same steady-state window), gives CPU per request.
+    Several jobs (connections): IOPS are all jobs' I/O over the time the jobs were measuring
+    (walltime), and the CPU is read every sample_interval and taken over that same time.
     Whole-run ticks (fio start to exit, including connect and ramp) are recorded too.
     Peak RSS: psutil RSS sampled every sample_interval, and VmHWM read at the end.
     """
     pids = run.pids()
+    multi = w.numjobs > 1
+    series = [_reading(pids)] if multi else []
     argv = fio_argv(w, run.uri, runtime, ramp, fio_json, run.spec.fio_cpus)
     first = {r: procs.cpu_ticks(pid) for r, pid in pids.items()}
     t0 = time.monotonic()
     fio = harness.spawn(argv, fio_log)
+    exits = walltime.JobExits(fio.pid, w.numjobs) if multi else None
     win_start_at = t0 + ramp + 0.15           # fio's own start-up is inside its ramp
     win_end_at = t0 + ramp + runtime - 0.1
-    deadline = t0 + ramp + runtime + 60.0
+    # Jobs that a server takes one after another run for numjobs times as long.
+    deadline = t0 + w.numjobs * (ramp + runtime) + 60.0
     win_a = win_b = None
     peak = {r: 0 for r in pids}
     threads = {r: 0 for r in pids}
@@ -133,6 +166,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
                 rss = procs.rss_kib(pid)
                 if rss and rss > peak[r]:
                     peak[r] = rss
+            if exits is not None:
+                series.append(_reading(pids))
+                exits.poll(time.time())
             if win_a is None and now >= win_start_at:
                 fio_pids = procs.tree_pids(fio.pid)
                 win_a = _snapshot(pids, fio_pids)
@@ -154,6 +190,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     finally:
         harness.stop_process(fio, timeout=5.0)
     t_end = time.monotonic()
+    if exits is not None:
+        series.append(_reading(pids))
+        exits.poll(time.time())
     last = {r: procs.cpu_ticks(pid) for r, pid in pids.items()}
     hwm = {r: procs.status_kib(pid, "VmHWM") for r, pid in pids.items()}
 
@@ -161,7 +200,7 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
            "wall_s": t_end - t0}
     dead = run.dead()
     if timed_out:
-        res["error"] = "fio did not finish within runtime+ramp+60 s"
+        res["error"] = "fio did not finish within numjobs * (runtime+ramp) + 60 s"
     elif fio.returncode != 0:
         res["error"] = "fio exited with status %s: %s" % (fio.returncode,
                                                           procs.log_tail(fio_log, 5))
@@ -170,7 +209,8 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     if "error" in res:
         return res
     try:
-        f = _summarize_fio(fio_json)
+        f = (walltime.read_summary(fio_json, exits.end_times()) if exits is not None
+             else _summarize_fio(fio_json))
     except (OSError, ValueError, KeyError) as e:
         res["error"] = "cannot read fio output: %s" % e
         return res
@@ -178,6 +218,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
         res["error"] = "fio job error %s: %s" % (f["error"], procs.log_tail(fio_log, 5))
         return res
     res["fio"] = f
+    note = walltime.flag_text(f.get("timing"))
+    if note:
+        res["flags"] = [note]
     res["iops"] = f["iops"]
     res["mbps"] = f["bw_bytes"] / 1e6
     res["value"] = res["mbps"] if w.unit == "MB/s" else res["iops"]
@@ -185,7 +228,9 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
     cpu = {}
     for r in pids:
         c = {"ticks_total": None if None in (first[r], last[r]) else last[r] - first[r]}
-        if win_a and win_b and win_a["server"][r] is not None and win_b["server"][r] is not None:
+        if multi:
+            c.update(_cpu_by_wall_clock(series, f, r))
+        elif win_a and win_b and win_a["server"][r] is not None and win_b["server"][r] is not None:
             ticks = win_b["server"][r] - win_a["server"][r]
             wall = win_b["t"] - win_a["t"]
             util = ticks / procs.CLK_TCK / wall
@@ -194,7 +239,7 @@ def measure(run, w, runtime, ramp, fio_json, fio_log, sample_interval=0.1):
             cs_a, cs_b = win_a["cswch"][r], win_b["cswch"][r]
             if cs_a is not None and cs_b is not None and f["iops"]:
                 c["cswch_per_req"] = (cs_b - cs_a) / wall / f["iops"]
-        else:
+        if "us_per_req" not in c:
             # fio finished early: fall back to whole-run ticks over fio's completed I/Os
             if c["ticks_total"] is not None and f["total_ios"]:
                 c["us_per_req"] = c["ticks_total"] / procs.CLK_TCK / f["total_ios"] * 1e6

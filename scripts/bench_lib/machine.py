@@ -1,0 +1,43 @@
+"""What a benchmark result records about the machine and the tools it ran with."""
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+
+from vblk_tools import ROOT
+
+
+def _out(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def environment():
+    """Host, CPUs, kernel, Python, the git commit (marked if the tree has changes) and the
+    versions of nbdkit, qemu-storage-daemon and fio."""
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    git = _out(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = _out(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "hostname": socket.gethostname(), "ncpu": os.cpu_count(), "cpu_model": model,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "git": git + (" (uncommitted changes)" if dirty else ""),
+        "versions": {
+            "nbdkit": _out(["nbdkit", "--version"]),
+            "qemu-storage-daemon": _out(["qemu-storage-daemon", "--version"]).splitlines()[0]
+            if shutil.which("qemu-storage-daemon") else "missing",
+            "fio": _out(["fio", "--version"]),
+        },
+    }
