@@ -1,5 +1,7 @@
-"""What a benchmark result records about the machine and the tools it ran with."""
+"""What a benchmark result records about the machine, the tools and the code it ran with."""
 
+import glob
+import hashlib
 import os
 import platform
 import shutil
@@ -41,3 +43,23 @@ def environment():
             "fio": _out(["fio", "--version"]),
         },
     }
+
+
+def code_version(plugin):
+    """Short hash of the plugin, the vblk_plugin package beside it and the vblk_core sources
+    next to it (or in ROOT), so a report can tell when the code changed between runs (a fresh
+    nbdkit loads the files every run)."""
+    h = hashlib.sha1()
+    core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(plugin))), "vblk_core")
+    if not os.path.isdir(core):
+        core = os.path.join(ROOT, "vblk_core")
+    package = os.path.join(os.path.dirname(os.path.abspath(plugin)), "vblk_plugin")
+    files = ([plugin] + sorted(glob.glob(os.path.join(core, "*.py")))
+             + sorted(glob.glob(os.path.join(package, "*.py"))))
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                h.update(os.path.basename(f).encode() + b"\0" + fh.read())
+        except OSError:
+            pass
+    return h.hexdigest()[:12]

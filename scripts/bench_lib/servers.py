@@ -7,8 +7,6 @@ vblk_plugin.qsd.qsd_argv, and a server counts as started once it accepts a conne
 daemon's vhost-user socket) or sends the NBD greeting (nbdkit, the daemon's NBD export).
 """
 
-import glob
-import hashlib
 import os
 import shutil
 import signal
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field
 from vblk_tools import ROOT, harness
 
 from . import procs
+from .machine import code_version
 
 FLOOR_PLUGIN = os.path.join(ROOT, "benchmarks", "floor_plugin.py")
 RT_PLUGIN = os.path.join(ROOT, "benchmarks", "rt_plugin.py")
@@ -146,26 +145,6 @@ def _start_nbdkit(run, plugin, keys, sockdir, tag, log, timeout, threads=None, e
     run.main_role = "nbdkit"
     run.uri = kit.uri
     return kit.socket
-
-
-def code_version(plugin):
-    """Short hash of the plugin, the vblk_plugin package beside it and the vblk_core sources
-    next to it (or in ROOT), so a report can tell when the code changed between runs (a fresh
-    nbdkit loads the files every run)."""
-    h = hashlib.sha1()
-    core = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(plugin))), "vblk_core")
-    if not os.path.isdir(core):
-        core = os.path.join(ROOT, "vblk_core")
-    package = os.path.join(os.path.dirname(os.path.abspath(plugin)), "vblk_plugin")
-    files = ([plugin] + sorted(glob.glob(os.path.join(core, "*.py")))
-             + sorted(glob.glob(os.path.join(package, "*.py"))))
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                h.update(os.path.basename(f).encode() + b"\0" + fh.read())
-        except OSError:
-            pass
-    return h.hexdigest()[:12]
 
 
 def start(spec, image, sockdir, logdir, tag, timeout=30.0):
