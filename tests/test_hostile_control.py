@@ -1,8 +1,9 @@
-"""What a vhost-user back-end can do to the process through the control socket, other than
-answer wrongly (tests/test_hostile_device.py has those): stop reading it, hang up on it, attach
-fds we never asked for.  Each ends in an error (or nothing at all), never in a process blocked
-for good, killed by SIGPIPE or filling up with fds.  (A reply that trickles in a byte at a time
-is test_hostile_device's "trickle" case.)
+"""What a device can do to the process through its control path, other than answer wrongly
+(tests/test_hostile_device.py has those): a vhost-user back-end that stops reading its socket,
+hangs up on it or attaches fds we never asked for, a vDPA device that announces sizes no device
+has.  Each ends in an error (or nothing at all), never in a process blocked for good, killed by
+SIGPIPE or filling up with fds.  (A reply that trickles in a byte at a time is
+test_hostile_device's "trickle" case.)
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import textwrap
 import threading
 import time
 
+import pytest
+
 from device_util import open_device
+from fake_ring_device import qsd_like_config
+from fake_vdpa import FakeVdpaDevice
 from fake_vhost_user import FakeVhostUserBlk
-from vblk_core import ControlTimeout, DeviceState
+from vblk_core import BlockDevice, ConfigError, ControlTimeout, DeviceError, DeviceState
 from vblk_core.transports.vhost_user import SessionState, VhostUserTransport
+from vblk_core.transports.vhost_vdpa import VhostVdpaConnector
 from vblk_tools import ROOT
 from vblk_tools.patterns import pattern
 
@@ -121,3 +127,20 @@ def test_fds_attached_to_replies_are_not_kept(tmp_path):
         fake.stop()
     assert _stray_fds() == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+@pytest.mark.parametrize("config,options,exc,match", [
+    (bytes(5), {}, DeviceError, r"device config is 5 bytes, need at least 8"),
+    (bytes(8192), {}, DeviceError, r"reports a config space of 8192 bytes"),
+    (None, {"vring_num": 0}, ConfigError, r"queue size 256 is too big: .* accepts up to 0"),
+    (None, {"vring_num": 3}, ConfigError, r"accepts up to 3 entries"),
+], ids=["config-5-bytes", "config-8-KiB", "vring-num-0", "vring-num-3"])
+def test_vdpa_sizes_no_device_has_are_errors(config, options, exc, match):
+    """A vDPA device announcing a config space too small to hold the capacity or larger than
+    any virtio-blk config, or rings of 0 or 3 entries: refused at open with what it said (the
+    vhost-user counterparts are test_hostile_device's absurd config and queue counts)."""
+    fake = FakeVdpaDevice(bytearray(1 << 20), qsd_like_config(1 << 20, 2) if config is None
+                          else config, **options)
+    with pytest.raises(exc, match=match):
+        BlockDevice.open(VhostVdpaConnector("/dev/vhost-vdpa-7", ops=fake))
+    assert fake.opens >= 1 and fake.iotlb == {}        # closed again, nothing left mapped
