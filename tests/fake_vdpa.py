@@ -1,7 +1,7 @@
 """A fake /dev/vhost-vdpa-N for unit tests: the system-call surface of
 vblk_core.transports.vhost_vdpa (``DeviceOps``: open, ioctl, write, close), behaving as
-drivers/vhost/vdpa.c does where the driver depends on it, and serving the rings with
-fake_ring_device's BlkEmulator once DRIVER_OK.
+drivers/vhost/vdpa.c does where the driver depends on it; the device behind it is
+fake_blk's BlkDevice (this class is one), serving the rings once DRIVER_OK.
 
 Written from linux/vhost.h and the kernel's documented behaviour, independently of the driver:
 ioctl numbers are computed here, not imported.  Knobs: ``fail`` (ioctl name -> errno),
@@ -19,7 +19,9 @@ import os
 import struct
 import threading
 
-from fake_ring_device import FakeRing, serve_queue
+from fake_blk import BlkDevice
+from fake_ring import FakeRing
+from fake_ring_device import BlkEmulator, serve_queue
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -45,8 +47,9 @@ ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = 1, 2, 4, 8, 64
 VDUSE_FEATURES = 0x331007644
 
 
-class FakeVdpaDevice:
-    """One fake vDPA block device (a DeviceOps); ``disk`` is its storage."""
+class FakeVdpaDevice(BlkDevice):
+    """One fake vDPA block device (a DeviceOps); ``disk`` is its storage.  The requests, and
+what the test sees of them (``policy``, ``raw_hook``, ``served``, ``errors``), are BlkDevice's."""
 
     def __init__(self, disk: bytearray, config: bytes, *, device_id: int = 2,
                  features: int = VDUSE_FEATURES, backend_features: int = 0xE, vqs: int = 2,
@@ -54,10 +57,8 @@ class FakeVdpaDevice:
                  fail: dict[str, int] | None = None, open_errno: int | None = None,
                  features_ok_sticks: bool = True, driver_ok_sticks: bool = True,
                  short_iotlb_write: bool = False, policy=None) -> None:
-        self.disk = disk
-        self.config = config
+        super().__init__(disk, config, features=features, policy=policy)
         self.device_id = device_id
-        self.features = features
         self.backend_features = backend_features
         self.vqs = vqs
         self.vring_num = vring_num
@@ -67,10 +68,6 @@ class FakeVdpaDevice:
         self.features_ok_sticks = features_ok_sticks
         self.driver_ok_sticks = driver_ok_sticks
         self.short_iotlb_write = short_iotlb_write
-        self.policy = policy
-        self.raw_hook = None
-        self.lock = threading.Lock()
-        self.errors: list[BaseException] = []
         self.calls: list[str] = []          # every ioctl / IOTLB message, in order
         self.status_writes: list[int] = []  # every SET_STATUS value, in order
         self.opens = 0
@@ -284,6 +281,7 @@ class FakeVdpaDevice:
         raise OSError(errno.EFAULT, f"iova {iova:#x} is not mapped")
 
     def _start_serving(self) -> None:
+        self.ack_features(self.negotiated)
         for index, vr in sorted(self.vrings.items()):
             if not vr.get("enabled"):
                 continue
@@ -291,8 +289,8 @@ class FakeVdpaDevice:
             ring = FakeRing(mem, vr["num"], vr["desc"] - base, vr["avail"] - base,
                             vr["used"] - base, base)
             t = threading.Thread(target=serve_queue,
-                                 args=(self, index, ring, vr.pop("call"), vr.pop("kick"),
-                                       self._stop),
+                                 args=(BlkEmulator(ring, self, index=index), vr.pop("call"),
+                                       vr.pop("kick"), self._stop),
                                  name=f"fake-vdpa-q{index}", daemon=True)
             self._threads.append(t)
             t.start()

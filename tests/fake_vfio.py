@@ -8,7 +8,8 @@ Memory Space, exact UNMAP_DMA).  ``FakeBlkFunction`` is the PCI function: config
 a virtio capability list, BARs whose registers are emulated on pread/pwrite (common config,
 ISR, device config, notify) or, for an mmappable BAR, live in a shared memfd the fake polls
 (the notify area), MSI-X routing of completions to the eventfds given to SET_IRQS, and the
-rings served with fake_ring_device's BlkEmulator once DRIVER_OK.
+rings served once DRIVER_OK by the device behind it, fake_blk's BlkDevice (the function
+is one).
 
 Written from linux/vfio.h and the virtio 1.x spec (4.1), independently of the driver: ioctl
 numbers and layouts are spelled out here, not imported.  ``errors`` collects what a real
@@ -26,7 +27,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fake_ring_device import FakeRing, serve_queue
+from fake_blk import BlkDevice
+from fake_ring import FakeRing
+from fake_ring_device import BlkEmulator, serve_queue
 
 MMap = mmap.mmap   # (FakeVfio.mmap shadows the module name in its class)
 ADDR = "0000:00:04.0"
@@ -145,7 +148,7 @@ COMMON = {0x00: (4, "dfselect"), 0x04: (4, "df"), 0x08: (4, "gfselect"), 0x0C: (
           0x1E: (2, "queue_notify_off"), **{o: (4, "queue_addr") for o in range(0x20, 0x38, 4)}}
 
 
-class FakeBlkFunction:
+class FakeBlkFunction(BlkDevice):
     """A virtio-blk PCI function.  Knobs: ``features`` offered, ``num_queues``,
     ``queue_max`` (per queue), ``caps``/``cfg`` (config space), ``bar_sizes``, ``mmappable``
     BARs, ``accept_features`` (FEATURES_OK sticks), ``reset_completes``, ``refuse_vectors``,
@@ -158,9 +161,7 @@ class FakeBlkFunction:
                  mmappable: set[int] | None = None, accept_features: bool = True,
                  reset_completes: bool = True, refuse_vectors: set[int] | None = None,
                  generation_flips: int = 0) -> None:
-        self.disk = disk
-        self.config = bytes(config)
-        self.features = features
+        super().__init__(disk, config, features=features)
         self.num_queues = num_queues
         maxes = queue_max if isinstance(queue_max, list) else [queue_max] * num_queues
         self.queue_max = maxes
@@ -174,13 +175,8 @@ class FakeBlkFunction:
         self.reset_completes = reset_completes
         self.refuse_vectors = refuse_vectors or set()
         self.generation_flips = generation_flips
-        # what fake_ring_device.serve_queue wants of a "backend"
-        self.policy = None
-        self.raw_hook = None
-        self.lock = threading.Lock()        # serve_queue's (around each chain)
         self.regs = threading.RLock()       # registers
         self._halt = threading.Event()      # stops the notify poller
-        self.errors: list[object] = []
         self.log: list[tuple[str, int, int]] = []    # (structure, offset, value) of writes
         self.memfds = {bar: os.memfd_create(f"bar{bar}") for bar in self.mmappable}
         for bar, fd in self.memfds.items():
@@ -343,6 +339,7 @@ class FakeBlkFunction:
         if not self.command() & 0x4:
             self.errors.append("DRIVER_OK without Bus Master")
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self.ack_features(self.driver_features)
         for i, q in enumerate(self.queues):
             if not q.enable:
                 continue
@@ -358,8 +355,8 @@ class FakeBlkFunction:
             ring = FakeRing(mem, q.size, desc, avail, used, iova)
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             q.kick_fd = kick
-            t = threading.Thread(target=serve_queue, args=(self, i, ring, os.dup(fd),
-                                                           os.dup(kick), self._stop),
+            t = threading.Thread(target=serve_queue, args=(BlkEmulator(ring, self, index=i),
+                                                           os.dup(fd), os.dup(kick), self._stop),
                                  daemon=True, name=f"fake-vfio-q{i}")
             self._threads.append(t)
             t.start()

@@ -21,14 +21,8 @@ import pytest
 
 from conftest import need_module
 from device_util import open_device
-from fake_vhost_user import (
-    F_CONFIG_WCE,
-    F_DISCARD,
-    F_FLUSH,
-    F_WRITE_ZEROES,
-    QSD_FEATURES,
-    FakeVhostUserBlk,
-)
+from fake_blk import F_CONFIG_WCE, F_DISCARD, F_FLUSH, F_WRITE_ZEROES, QSD_FEATURES
+from fake_vhost_user import FakeVhostUserBlk
 from vblk_core import RequestError
 from vblk_tools.harness import Nbdkit
 from vblk_tools.verify import close_handle
@@ -171,7 +165,7 @@ def test_without_discard_trim_is_refused_and_nothing_reaches_the_device(served):
     with pytest.raises(nbd.Error) as ei:
         s.during(lambda: s.h.trim(64 * 1024, 0))
     assert ei.value.errnum in (errno.EINVAL, errno.EOPNOTSUPP), ei.value
-    assert not [r for r in s.fake.served if r.type == "discard"]
+    assert not [r for r in s.fake.served if r.kind == "discard"]
     # zero still deallocates where the device may (WRITE_ZEROES with UNMAP), flush works
     assert s.during(lambda: s.zero(64 * 1024, 0)) == ["write_zeroes(0+65536 unmap)"]
     assert s.during(lambda: s.h.flush()) == ["flush()"]
@@ -182,7 +176,7 @@ def test_without_write_zeroes_zeroes_are_written_as_data(served):
     s = served("nwz", features=_without(F_WRITE_ZEROES))
     s.write(random.Random(5).randbytes(3 * MiB), MiB)
     reqs = s.requests(lambda: s.zero(3 * MiB, MiB))
-    assert reqs and all(r.type == "write" for r in reqs), [str(r) for r in reqs]
+    assert reqs and all(r.kind == "write" for r in reqs), [str(r) for r in reqs]
     assert sum(r.length for r in reqs) == 3 * MiB
     reqs = s.requests(lambda: s.zero(4096, 5 * MiB, NO_HOLE | FUA))
     assert [str(r) for r in reqs] == [f"write({5 * MiB}+4096)", "flush()"]
@@ -192,7 +186,7 @@ def test_without_write_zeroes_zeroes_are_written_as_data(served):
     with pytest.raises(nbd.Error) as ei:
         s.during(lambda: s.h.zero(4096, 0, FAST_ZERO))
     assert ei.value.errnum in (errno.EINVAL, errno.EOPNOTSUPP)
-    assert not [r for r in s.fake.served if r.type == "write_zeroes"]
+    assert not [r for r in s.fake.served if r.kind == "write_zeroes"]
     s.check_data()
 
 
@@ -253,7 +247,7 @@ def test_4k_blocks_with_the_blocksize_filter_accept_unaligned_requests(served):
     assert s.h.pread(1000, 4096 + 100) == data
     reqs = s.fake.served
     assert all(r.sector * 512 % 4096 == 0 and r.length % 4096 == 0
-               for r in reqs if r.type in ("read", "write")), [str(r) for r in reqs]
+               for r in reqs if r.kind in ("read", "write")), [str(r) for r in reqs]
     s.check_data()
 
 
@@ -276,8 +270,8 @@ def test_small_discard_and_write_zeroes_limits_split_ranges(served):
     trims = s.requests(lambda: s.h.trim(MiB, 2 * MiB))
     zeroes = s.requests(lambda: s.zero(MiB + 4096, 4 * MiB, NO_HOLE))
     s.model[2 * MiB:3 * MiB] = s.disk[2 * MiB:3 * MiB]   # trimmed: the fake reads zeroes
-    assert len(trims) == 32 and all(r.type == "discard" for r in trims)
-    assert len(zeroes) == 33 and all(r.type == "write_zeroes" and not r.unmap for r in zeroes)
+    assert len(trims) == 32 and all(r.kind == "discard" for r in trims)
+    assert len(zeroes) == 33 and all(r.kind == "write_zeroes" and not r.unmap for r in zeroes)
     for reqs in (trims, zeroes):
         assert all(n <= 64 * 512 for r in reqs for _o, n in r.extents)
     assert s.disk[2 * MiB:3 * MiB] == bytes(MiB)
@@ -293,7 +287,7 @@ def test_read_only_device_refuses_writes_before_the_device(served):
         with pytest.raises(nbd.Error) as ei:
             command()
         assert ei.value.errnum in (errno.EPERM, errno.EROFS), f"{what}: {ei.value}"
-    assert [r.type for r in s.fake.served] == []
+    assert [r.kind for r in s.fake.served] == []
     s.check_data()
 
 

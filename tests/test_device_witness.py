@@ -312,7 +312,7 @@ def test_split_commands_cover_exactly_their_range(fake_stack, what, command, kin
     mark = len(fake.served)
     command(h)
     reqs = fake.served[mark:]
-    assert {r.type for r in reqs} == {kind}, [str(r) for r in reqs]
+    assert {r.kind for r in reqs} == {kind}, [str(r) for r in reqs]
     extents = sorted(x for r in reqs for x in r.extents)
     assert all(n <= limit for _o, n in extents), [str(r) for r in reqs]
     start = extents[0][0]

@@ -29,15 +29,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_util import open_device
-from fake_vhost_user import (
+from fake_blk import (
     F_EVENT_IDX,
     F_PROTOCOL_FEATURES,
     F_SIZE_MAX,
     F_VERSION_1,
     INJECTED,
+    QSD_FEATURES,
+)
+from fake_vhost_user import (
     P_CONFIG,
     P_REPLY_ACK,
-    QSD_FEATURES,
     QSD_PROTOCOL_FEATURES,
     FakeVhostUserBlk,
     Req,
@@ -291,7 +293,7 @@ def test_healthy_fake_serves_verified_io(sock, fakes, devices, variant):
     for k in range(4):
         base = (1 << 20) + k * (256 << 10)
         assert fake.disk[base:base + (200 << 10)] == pattern(200 << 10, seed=k + 1, base=base)
-    assert dev.get_id() == b"fake_vhost_blk"
+    assert dev.get_id() == b"fake-blk"
     dev.flush()
     dev.discard(0, 8192)
     dev.write_zeroes(1 << 20, 8192)

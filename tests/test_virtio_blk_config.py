@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fake_ring_device import CONFIG_LEN, QSD_FEATURES, blk_config, qsd_like_config
+from fake_blk import CONFIG_LEN, QSD_FEATURES, blk_config, qsd_like_config
 from vblk_core.errors import DeviceError
 from vblk_core.virtio_blk import CONFIG_SIZE, MAX_CAPACITY_SECTORS, BlockConfig, status_to_errno
 
