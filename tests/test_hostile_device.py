@@ -544,8 +544,9 @@ def test_unsolicited_message_after_handshake(sock, fakes, devices):
 RING_VIOLATIONS = {
     "id_out_of_range": r"completed descriptor 263, which is not an in-flight request head",
     "len_too_big": r"reported \d+ bytes written to a chain that allows \d+",
-    "used_idx_jump": r"moved the used index by \d+ with \d+ descriptors in flight",
-    "double_complete": r"completed descriptor \d+, which is not an in-flight request head",
+    "used_idx_jump": r"moved the used index by \d+ with \d+ requests in flight",
+    # the same id twice in one update: the index moved past what is in flight
+    "double_complete": r"moved the used index by 2 with 1 requests in flight",
 }
 
 

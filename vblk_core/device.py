@@ -1,9 +1,9 @@
 """The multi-queue virtio-blk block device: N virtqueues and a bounce pool in one contiguous
 shared allocation, over any Transport, safe to call from many threads.
 
-This module sets the device up and implements the I/O verbs; dispatch.py puts requests on
-queues (back-pressure, stall detection), supervisor.py owns the session state machine (loss,
-recovery, reconnect), queues.py the per-queue machinery, batch.py requests split in pieces.
+This module checks the parameters and the I/O verbs' arguments and sets the device up;
+datapath.py moves the data (slots, queues, pieces), supervisor.py owns the session state
+machine (loss, recovery, reconnect), queues.py the per-queue machinery.
 
     dev = BlockDevice.open(VhostUserConnector("/run/vhost.sock"), num_queues=4)
     dev.pread(buf, 0); dev.pwrite(data, 4096, fua=True); dev.close()
@@ -13,28 +13,21 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from .batch import Batch, bounced_transfer
+from .datapath import DataPath
 from .device_info import DeviceInfo, identify
-from .dispatch import Dispatcher
-from .errors import ConfigError, DeviceChanged, DeviceError, RequestError
+from .errors import ConfigError, RequestError
 from .layout import VirtqueueLayout
-from .memory import PAGE_SIZE, BouncePool, SharedRegion
-from .queues import QueueRunner
-from .request import BlockRequest
 from .supervisor import DeviceState, Supervisor
-from .transport import Connector, MemoryMap, Transport
+from .transport import Connector
 from .virtio import VirtioFeature
 from .virtio_blk import (
     SECTOR_SIZE,
-    VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     BlkFeature,
     BlockConfig,
     RequestType,
-    VirtioBlkReqSlot,
     queue_size_problem,
 )
-from .virtqueue import Virtqueue
 
 DEFAULT_MAX_QUEUES = 4
 
@@ -80,14 +73,8 @@ class BlockDevice:
         self.max_transfer = 0
         self.layout: VirtqueueLayout | None = None
         # Memory and queues: allocated by connect(), freed by close().
-        self._region: SharedRegion | None = None
-        self._device_base: int | None = None
-        self._pool: BouncePool | None = None
-        self._rings: list[Virtqueue] = []
-        self._queues: list[QueueRunner] = []
-        self._supervisor = Supervisor(connector, self, reconnect_timeout)
-        self._dispatch = Dispatcher(self._supervisor, request_timeout)
-        self._run = self._dispatch.run
+        self._path: DataPath | None = None
+        self._supervisor = Supervisor(connector, reconnect_timeout)
 
     @classmethod
     def open(cls, connector: Connector, **options: Any) -> BlockDevice:
@@ -108,7 +95,8 @@ class BlockDevice:
         try:
             info = identify(transport)
             self._allocate(info)
-            self._supervisor.begin(transport)
+            assert self._path is not None
+            self._supervisor.begin(transport, self._path, info, self.num_queues)
         except BaseException:
             transport.close()
             self._release_memory()
@@ -132,77 +120,13 @@ class BlockDevice:
         self.read_only = info.read_only
         self.device_queues = info.max_queues
         self.num_queues = num_queues
-        self.layout = layout = VirtqueueLayout.new(num_queues, self.queue_size, VirtioBlkReqSlot)
-        # One contiguous allocation: all queues, then the bounce pool, one memfd.
-        queues_bytes = -(-layout.total_size // PAGE_SIZE) * PAGE_SIZE
-        self._region = region = SharedRegion(
-            queues_bytes + self.bounce_buffers * self.bounce_buffer_size)
-        self._pool = BouncePool(region, queues_bytes, self.bounce_buffers,
-                                self.bounce_buffer_size)
-        max_transfer = self.bounce_buffer_size
-        if config.size_max:
-            segs = min(config.seg_max, self.queue_size - 3)
-            max_transfer = min(max_transfer, config.size_max * segs // 4096 * 4096)
-        self.max_transfer = max_transfer
-        event_idx = bool(info.features & VirtioFeature.EVENT_IDX)
-        self._rings = [Virtqueue(region.view, i * layout.end_offset, layout, region.base_addr,
-                                 8, event_idx) for i in range(num_queues)]
-        self._queues = [QueueRunner(i, ring, config.size_max, self._dispatch.queue_broken,
-                                    self.spin_seconds, self._lone_request)
-                        for i, ring in enumerate(self._rings)]
-        self._dispatch.queues = self._queues
-
-    # --- the supervisor's side (SessionHost) -----------------------------------------------
-
-    def attach(self, transport: Transport, generation: int) -> None:
-        """Map the shared region and set every queue up on ``transport``, then start it."""
-        region = self._region
-        if region is None or self._pool is None:
-            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
-        base = transport.map_memory(MemoryMap(region.fd, region.base_addr, region.size))
-        if self._device_base is None:
-            for ring in self._rings:
-                ring.set_device_base(base)
-            self._pool.set_device_base(base)
-            self._device_base = base
-        elif base != self._device_base:
-            # Requests in flight carry device addresses of the old mapping.
-            raise DeviceError(f"{self.target} mapped the memory at {base:#x}, not at "
-                              f"{self._device_base:#x} as before")
-        try:
-            for q in self._queues:
-                q.attach(transport, generation)
-            transport.start()
-        except BaseException:
-            for q in self._queues:
-                q.detach()
-            raise
-        for q in self._queues:
-            q.start()
-
-    def _lone_request(self) -> bool:
-        """Exactly one request in flight on the whole device (a spin may then pay off)."""
-        return sum(q.stats.depth for q in self._queues) == 1
-
-    def detach(self) -> list[BlockRequest]:
-        survivors: list[BlockRequest] = []
-        for q in self._queues:
-            survivors.extend(q.detach())
-        return survivors
-
-    def check_same_device(self, info: DeviceInfo) -> None:
-        assert self.info is not None
-        if info.identity != self.info.identity:
-            raise DeviceChanged("its identity", self.info.identity, info.identity)
-        if info.features != self.features:
-            raise DeviceChanged("the negotiated features", hex(self.features),
-                                hex(info.features))
-        if info.max_queues < self.num_queues:
-            raise DeviceChanged("the number of queues it offers", self.num_queues,
-                                info.max_queues)
-
-    def resubmit(self, req: BlockRequest) -> None:
-        self._dispatch.resubmit(req)
+        # One contiguous allocation: all queues, then every slot's bounce buffer, one memfd.
+        self._path = path = DataPath(
+            num_queues, self.queue_size, self.bounce_buffers, self.bounce_buffer_size,
+            config.size_max, config.seg_max, bool(info.features & VirtioFeature.EVENT_IDX),
+            self.request_timeout, self._supervisor, self.spin_seconds)
+        self.layout = path.layout
+        self.max_transfer = path.max_transfer
 
     # --- properties ------------------------------------------------------------------------
 
@@ -249,20 +173,25 @@ class BlockDevice:
 
     def stats(self) -> dict[str, Any]:
         """Per-queue counters and totals (a snapshot; counters are monotonic)."""
-        queues = [q.stats.as_dict(q.index) for q in self._queues]
+        path = self._path
+        data: dict[str, Any] = path.stats() if path is not None else {
+            "queues": [], "bounce_buffers_in_use": 0, "bounce_buffers_high_water": 0}
+        queues = data["queues"]
         totals = {k: sum(q[k] for q in queues)
                   for k in ("requests", "bytes", "errors", "kicks", "calls", "in_flight")}
         totals["max_depth"] = max((q["max_depth"] for q in queues), default=0)
-        pool = self._pool
         return {"queues": queues, "totals": totals, "state": self.state.value,
                 "reconnects": self.reconnects, "failure": self.failure,
-                "bounce_buffers_in_use": pool.in_use if pool else 0,
-                "bounce_buffers_high_water": pool.high_water if pool else 0}
+                "bounce_buffers_in_use": data["bounce_buffers_in_use"],
+                "bounce_buffers_high_water": data["bounce_buffers_high_water"]}
 
     # --- checks ----------------------------------------------------------------------------
 
-    def _check_range(self, offset: int, length: int, what: str, write: bool) -> None:
-        if self._region is None:
+    def _checked(self, offset: int, length: int, what: str, write: bool) -> DataPath:
+        """The data path, after checking a request's range.  Raises RequestError: EIO if the
+        device is not connected or the range goes past its end, EROFS, EINVAL."""
+        path = self._path
+        if path is None:
             raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
         if write and self.read_only:
             raise RequestError(f"{what}: the device is read-only", errno.EROFS)
@@ -275,22 +204,9 @@ class BlockDevice:
         if offset + length > self.capacity:
             raise RequestError(f"{what}: {length} bytes at {offset} go past the end of the "
                                f"device ({self.capacity} bytes)", errno.EIO)
+        return path
 
-    # --- data transfer ---------------------------------------------------------------------
-
-    def _transfer(self, mv: memoryview, offset: int, is_read: bool) -> None:
-        """Move ``mv`` to/from the device in bounce-buffer-sized requests, several in flight."""
-        region, pool = self._region, self._pool
-        if region is None or pool is None:  # closed (or never connected)
-            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
-        dispatch = self._dispatch
-        try:
-            bounced_transfer(mv, offset, is_read, region.view, pool, self.max_transfer,
-                             self.request_timeout, dispatch.run, dispatch.submit, dispatch.wait)
-        except ValueError:
-            if self._region is None:  # closed under our feet: the memory view is gone
-                raise RequestError("the device was closed", errno.EIO) from None
-            raise
+    # --- the verbs -------------------------------------------------------------------------
 
     def pread(self, buf: Any, offset: int) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into the writable buffer ``buf``.
@@ -298,9 +214,9 @@ class BlockDevice:
         Offset and length must be multiples of block_size (EINVAL), within capacity (EIO).
         """
         mv = memoryview(buf).cast("B")
-        self._check_range(offset, len(mv), "read", False)
+        path = self._checked(offset, len(mv), "read", False)
         if len(mv):
-            self._transfer(mv, offset, True)
+            path.read(mv, offset)
 
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; with ``fua`` it is on stable storage on return.
@@ -308,46 +224,41 @@ class BlockDevice:
         EROFS on a read-only device; alignment and range as for pread.
         """
         mv = memoryview(buf).cast("B")
-        self._check_range(offset, len(mv), "write", True)
+        path = self._checked(offset, len(mv), "write", True)
         if len(mv):
-            self._transfer(mv, offset, False)
+            path.write(mv, offset)
         if fua:
             self.flush()
 
     def flush(self) -> None:
         """Make completed writes stable (a no-op if the device has no FLUSH: write-through)."""
         if self.can_flush:
-            self._run(BlockRequest(RequestType.FLUSH, 0))
+            self._checked(0, 0, "flush", False).command(RequestType.FLUSH)
 
-    def _ranged(self, req_type: RequestType, offset: int, length: int, max_sectors: int,
-                flags: int) -> None:
+    def _ranged(self, path: DataPath, req_type: RequestType, offset: int, length: int,
+                max_sectors: int, flags: int) -> None:
         step = max_sectors * SECTOR_SIZE // self.block_size * self.block_size
-        batch = Batch(self._dispatch.submit, self._dispatch.wait)
-        for pos in range(offset, offset + length, step):
-            n = min(step, offset + length - pos)
-            req = BlockRequest(req_type, 0, segment=(pos // SECTOR_SIZE, n // SECTOR_SIZE, flags))
-            if not batch.submit(req):
-                break
-        batch.finish()
+        path.ranged(req_type, offset, length, step, flags)
 
     def discard(self, offset: int, length: int) -> None:
         """Tell the device the range is unused (EOPNOTSUPP without DISCARD, EROFS if read-only)."""
-        self._check_range(offset, length, "discard", True)
+        path = self._checked(offset, length, "discard", True)
         if not self.can_discard:
             raise RequestError("the device does not support discard", errno.EOPNOTSUPP)
         if length:
-            self._ranged(RequestType.DISCARD, offset, length, self.config.max_discard_sectors, 0)
+            self._ranged(path, RequestType.DISCARD, offset, length,
+                         self.config.max_discard_sectors, 0)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False,
                      fast: bool = False) -> None:
         """Zero the range; ``unmap`` lets the device deallocate it.  Without WRITE_ZEROES the
         zeroes are written as data, unless ``fast`` is set (then EOPNOTSUPP)."""
-        self._check_range(offset, length, "write-zeroes", True)
+        path = self._checked(offset, length, "write-zeroes", True)
         if not length:
             return
         if self.can_write_zeroes:
             flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
-            self._ranged(RequestType.WRITE_ZEROES, offset, length,
+            self._ranged(path, RequestType.WRITE_ZEROES, offset, length,
                          self.config.max_write_zeroes_sectors, flags)
             return
         if fast:
@@ -355,40 +266,23 @@ class BlockDevice:
                                errno.EOPNOTSUPP)
         zeroes = memoryview(bytes(min(length, self.max_transfer)))
         for pos in range(offset, offset + length, len(zeroes)):
-            self._transfer(zeroes[:min(len(zeroes), offset + length - pos)], pos, False)
+            path.write(zeroes[:min(len(zeroes), offset + length - pos)], pos)
 
     def get_id(self) -> bytes:
         """The device's serial (GET_ID), up to 20 bytes, cut at the first NUL."""
-        region, pool = self._region, self._pool
-        if region is None or pool is None:
-            raise RequestError(self._supervisor.unavailable_reason(), errno.EIO)
-        index = pool.acquire(self.request_timeout)
-        boff = pool.offset_of(index)
-        try:
-            region.view[boff:boff + VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
-            req = BlockRequest(RequestType.GET_ID, 0, pool.addr_of(index),
-                               VIRTIO_BLK_ID_BYTES, True)
-            self._run(req)
-            written = min(max(req.written - 1, 0), VIRTIO_BLK_ID_BYTES)
-            data = bytes(region.view[boff:boff + written])
-        finally:
-            pool.release(index)
-        return data.split(b"\0", 1)[0]
+        return self._checked(0, 0, "get-id", False).get_id().split(b"\0", 1)[0]
 
     # --- shutdown --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop threads, fail anything still in flight with EIO, free memory.  Idempotent."""
-        for req in self._supervisor.close():
-            req.fail(RequestError("the device was closed", errno.EIO))
+        self._supervisor.close()
         self._release_memory()
 
     def _release_memory(self) -> None:
-        if self._region is not None:
-            for ring in self._rings:
-                ring.release()  # a live view on the mapping would make close() leak it
-            self._region.close()
-            self._region = None
+        if self._path is not None:
+            self._path.close()
+            self._path = None
 
     def __enter__(self) -> BlockDevice:
         return self

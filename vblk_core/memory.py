@@ -1,8 +1,9 @@
-"""Shared memory: one memfd mapping registered with the device, and a bounce-buffer pool in it.
+"""Shared memory: one memfd mapping registered with the device.
 
 NBD's buffers are not in memory the device can see, so data goes through bounce buffers that live
-in the same memfd as the rings.  The transport decides the device address of the region
-(vhost-user uses our user address; an IOMMU-backed transport picks its own IOVA).
+in the same memfd as the rings (each request slot owns one: see slot.py and datapath.py).  The
+transport decides the device address of the region (vhost-user uses our user address; an
+IOMMU-backed transport picks its own IOVA).
 
 The memfd is sealed against shrinking and growing before anyone else can see it.  The device is
 untrusted and, on two transports, holds the file itself: a vhost-user back-end receives the fd
@@ -20,10 +21,8 @@ import ctypes
 import fcntl
 import mmap
 import os
-import threading
-import time
 
-from .errors import ConfigError, RequestError
+from .errors import ConfigError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -73,80 +72,3 @@ class SharedRegion:
             pass  # a slice is still referenced somewhere; the mapping dies with the process
         os.close(self.fd)
         self.fd = -1
-
-
-class BouncePool:
-    """Fixed-size buffers carved from a SharedRegion, handed out LIFO so hot pages stay hot.
-
-    ``acquire`` blocks (without the GIL) until a buffer is free or the timeout passes.
-    """
-
-    def __init__(self, region: SharedRegion, offset: int, count: int, buffer_size: int) -> None:
-        if count < 1 or buffer_size < 512 or buffer_size % 512:
-            raise ConfigError("bounce pool needs >= 1 buffer of a multiple of 512 bytes")
-        if offset + count * buffer_size > region.size:
-            raise ConfigError("bounce pool does not fit in the shared region")
-        self.region = region
-        self.device_base = region.base_addr
-        self.offset = offset
-        self.count = count
-        self.buffer_size = buffer_size
-        self._free = list(range(count - 1, -1, -1))
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting = 0
-        self.high_water = 0
-
-    def offset_of(self, index: int) -> int:
-        """Offset in the region of buffer ``index``."""
-        return self.offset + index * self.buffer_size
-
-    def addr_of(self, index: int) -> int:
-        """Device address of buffer ``index``."""
-        return self.device_base + self.offset + index * self.buffer_size
-
-    def set_device_base(self, base: int) -> None:
-        """The device address of the region's first byte (the transport chooses it)."""
-        self.device_base = base
-
-    @property
-    def in_use(self) -> int:
-        return self.count - len(self._free)
-
-    def try_acquire(self) -> int | None:
-        """A free buffer index, or None at once if there is none."""
-        try:
-            index = self._free.pop()  # atomic under the GIL: no lock on the fast path
-        except IndexError:
-            return None
-        used = self.count - len(self._free)
-        if used > self.high_water:
-            self.high_water = used
-        return index
-
-    def acquire(self, timeout: float) -> int:
-        """A free buffer index.  Raises RequestError(EIO) if none frees up within ``timeout``."""
-        index = self.try_acquire()
-        if index is not None:
-            return index
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._waiting += 1
-            try:
-                while True:
-                    index = self.try_acquire()
-                    if index is not None:
-                        return index
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise RequestError(f"no bounce buffer became free within {timeout:g}s")
-                    # Short waits: a release between our check and the wait is not missed
-                    # for long even though release() checks _waiting without the lock.
-                    self._cond.wait(min(remaining, 0.01))
-            finally:
-                self._waiting -= 1
-
-    def release(self, index: int) -> None:
-        self._free.append(index)  # atomic under the GIL
-        if self._waiting:
-            with self._cond:
-                self._cond.notify()

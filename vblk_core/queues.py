@@ -1,8 +1,15 @@
-"""The per-virtqueue machinery of the block device.
+"""One virtqueue of the block device with its request slots: publish, reap, wake.
 
-A ``QueueRunner`` owns one Virtqueue and its lock: it publishes requests, kicks the device
-through the transport's Kicker, and lets the waiting threads harvest completions themselves
-(one reaper at a time sleeps in poll() on the call eventfd without the GIL).
+A ``QueueRunner`` owns a Virtqueue, the request slots carved from the queue's descriptors and
+bounce buffers, one lock and one call eventfd (kept for its whole life, across sessions).
+
+Completions are harvested by the waiting threads themselves (leader/followers).  Whoever
+publishes a request while nobody reaps becomes the *reaper*; everyone else is registered as a
+sleeper in the same lock hold.  The reaper looks at the used ring without the lock (with device
+notifications off while it spins; on, with a re-check after a barrier, before it sleeps in
+poll() without the GIL), then takes the lock once to complete every used entry and wake those
+requests' owners.  When its own request is done it hands the role to the oldest sleeper.  So a
+request costs two lock acquisitions (publish, complete) and at most one wake-up.
 """
 from __future__ import annotations
 
@@ -14,21 +21,19 @@ import time
 from collections.abc import Callable
 
 from .errors import RingError
-from .eventfd import eventfd_clear_holding_gil
-from .request import STATUS_UNSET, BlockRequest
+from .eventfd import eventfd_clear_holding_gil, eventfd_write_holding_gil
+from .slot import STATUS_UNSET, RequestSlot
 from .transport import Kicker, Transport
-from .virtio_blk import (
-    HEADER,
-    HEADER_OFFSET,
-    SEGMENT,
-    SEGMENT_OFFSET,
-    STATUS_OFFSET,
-    VIRTIO_BLK_S_OK,
-    RequestType,
-)
-from .virtqueue import Virtqueue
+from .virtio_blk import HEADER, SEGMENT, RequestType
+from .virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
 
 log = logging.getLogger("vblk")
+
+_DATA_IN = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+_DEVICE_WRITES = (RequestType.IN, RequestType.GET_ID)
+
+LostCallback = Callable[[str, int], None]
+
 
 class QueueStats:
     """Counters of one virtqueue, read by callers (plain ints: reads need no lock)."""
@@ -46,346 +51,398 @@ class QueueStats:
                 "kicks": self.kicks, "calls": self.calls, "spin_hits": self.spin_hits}
 
 
+def _not_attached() -> None:
+    """The kick of a queue with no session: nothing to notify (recovery resubmits)."""
+
+
+def _no_loss(reason: str, generation: int) -> None:
+    """The loss callback of a queue with no session."""
+
+
 class QueueRunner:
-    """Drives one Virtqueue for the block device.
+    """Drives virtqueue ``vq`` (queue ``index``) with ``slots`` (their heads ``chain_len``
+    apart).  ``size_max`` is the device's segment limit (0: none); ``lone()`` says whether one
+    request is in flight on the whole device (only then may the reaper spin for
+    ``spin_seconds``)."""
 
-    Completions are harvested by the waiting threads themselves (leader/followers): one waiter
-    at a time is the *reaper*, sleeping in poll() on the call eventfd without the GIL; it
-    completes every finished request and wakes their waiters.  When it leaves (its own request
-    is done) it hands the role to another waiter.  No extra thread, and a lone caller at
-    depth 1 sleeps once per request.
-
-    ``on_broken(reason, generation)`` is called when the device violates the ring protocol;
-    the device then tears the session down.
-    """
-
-    def __init__(self, index: int, vq: Virtqueue, size_max: int,
-                 on_broken: Callable[[str, int], None], spin_seconds: float = 0.0,
-                 lone: Callable[[], bool] | None = None) -> None:
+    def __init__(self, index: int, vq: Virtqueue, slots: list[RequestSlot], size_max: int,
+                 lone: Callable[[], bool], spin_seconds: float = 0.0) -> None:
         self.index = index
         self.vq = vq
+        self.slots = slots
         self.size_max = size_max
+        self._by_head: list[RequestSlot | None] = [None] * vq.size
+        for slot in slots:
+            self._by_head[slot.head] = slot
+        self._free = list(reversed(slots))   # LIFO: hot buffers stay hot
+        self.high_water = 0
         self.spin_ns = int(spin_seconds * 1e9)
-        # Whether a request of ours is the only one in flight on the whole device (default:
-        # on this queue): only then is nobody else waiting for the GIL or the CPU.
-        self._lone = lone or (lambda: self.stats.depth == 1)
-        self.on_broken = on_broken
+        self._lone = lone
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0            # our own count: Condition keeps its list private
         self._barrier_lock = threading.Lock()
-        self._in_flight: dict[int, BlockRequest] = {}
-        self._waiters: set[BlockRequest] = set()
-        self._reaper_busy = False
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
+        self._reaper: RequestSlot | None = None
+        self._reaper_spins = False           # the role's holder starts by spinning
         self._reaper_left = threading.Condition(self._lock)
-        self._detaching = False
-        self.stats = QueueStats()
+        self._sleepers: dict[RequestSlot, None] = {}   # insertion order = publish order
+        self._live = False
         self.generation = -1
-        self.call_fd = -1
         self._kick: Callable[[], None] = _not_attached
-        self._poller: select.poll | None = None
-        self._stopping = False
+        self._on_lost: LostCallback = _no_loss
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._poller = select.poll()
+        self._poller.register(self.call_fd, select.POLLIN)
+        self.stats = QueueStats()
 
-    # --- observation (tests, stats) ---------------------------------------------------------
+    # --- observation -----------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.slots) - len(self._free)
 
     @property
     def reaper_busy(self) -> bool:
-        """Whether a waiter is currently reaping completions."""
-        return self._reaper_busy
+        """Whether some thread holds the reaper role."""
+        return self._reaper is not None
 
     @property
     def sleeping_waiters(self) -> int:
-        """How many waiters sleep until the reaper wakes them."""
-        return len(self._waiters)
+        return len(self._sleepers)
 
-    def in_flight(self) -> list[BlockRequest]:
-        """The requests published and not completed, in no particular order."""
-        with self._lock:
-            return list(self._in_flight.values())
+    # --- slots -----------------------------------------------------------------------------
 
-    def _barrier(self) -> None:
-        # Acquiring a lock is an atomic read-modify-write: a full barrier on x86, which orders
-        # our ring store before the load of the device's event index (virtio's virtio_mb()).
-        self._barrier_lock.acquire()
-        self._barrier_lock.release()
-
-    # --- session lifetime ------------------------------------------------------------------
-
-    def attach(self, transport: Transport, generation: int) -> None:
-        """Set this queue up on ``transport`` for session ``generation`` (a fresh call
-        eventfd, the ring at index 0).  Raises what transport.setup_queue raises."""
-        vq = self.vq
-        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    def take(self) -> RequestSlot | None:
+        """A free slot for the calling thread, or None at once if there is none."""
         try:
-            kicker: Kicker = transport.setup_queue(self.index, vq.size, vq.desc_addr,
-                                                   vq.avail_addr, vq.used_addr, call_fd)
-        except BaseException:
-            os.close(call_fd)
-            raise
-        poller = select.poll()
-        poller.register(call_fd, select.POLLIN)
-        with self._lock:
-            self.generation = generation
-            self.call_fd = call_fd
-            self._kick = kicker.kick
-            self._poller = poller
+            slot = self._free.pop()  # atomic under the GIL
+        except IndexError:
+            return None
+        used = len(self.slots) - len(self._free)
+        if used > self.high_water:
+            self.high_water = used
+        return slot
 
-    def start(self) -> None:
-        with self._lock:
-            self._stopping = False
-            self.vq.enable_interrupts()
+    def give_back(self, slot: RequestSlot) -> None:
+        """Return a finished slot (its owner has read the result)."""
+        self._free.append(slot)  # atomic under the GIL
+        if self._space_waiters:
+            with self._space:
+                self._space.notify()
 
-    def detach(self) -> list[BlockRequest]:
-        """Stop reaping, close the eventfds, reset the ring; return what was in flight (not
-        completed), for resubmission or failure.  Caller holds no queue lock."""
-        with self._lock:
-            self._stopping = True
-            if self.call_fd >= 0:
-                os.eventfd_write(self.call_fd, 1)  # wake the reaper out of poll()
-            # The reaper leaves within one poll() timeout; its fds must stay open until then.
-            self._detaching = True
-            self._reaper_left.wait_for(lambda: not self._reaper_busy, 5.0)
-            self._detaching = False
-            # What the device completed before the session ended is done: finish it rather
-            # than run it again on the next session.
-            finished: list[BlockRequest] = []
-            self._harvest_locked(finished)
-            self._account_locked(finished)
-            survivors = list(self._in_flight.values())
-            self._in_flight.clear()
-            self.stats.depth = 0
-            self.vq.reset()
-            if self.call_fd >= 0:
-                os.close(self.call_fd)  # the kick side belongs to the transport
-            self.call_fd = -1
-            self._kick = _not_attached
-            self._poller = None
-            self.generation = -1
-            for req in self._waiters:
-                req.wake()  # let them see the new state (they loop, nothing is lost)
-            self._space.notify_all()
-        for req in finished:
-            req.wake()
-        return survivors
-
-    # --- submission ------------------------------------------------------------------------
-
-    def submit(self, req: BlockRequest, generation: int) -> bool | None:
-        """Publish ``req`` and kick the device if it asked for it.
-
-        Returns True if published, False if the ring has no room for it, None if the queue
-        belongs to another session generation (the device is reconnecting).
-        """
-        with self._lock:
-            published = self._publish_locked(req, generation)
-            if published:
-                self._kick_if_needed_locked()
-            return published
-
-    def wait_for_space(self, req: BlockRequest, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds unless the ring already has room for ``req``."""
-        with self._lock:
-            if self.vq.num_free < req.descriptor_count(self.size_max):
+    def wait_for_slot(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds unless a slot is free."""
+        with self._space:
+            if not self._free:
                 self._space_waiters += 1
                 try:
                     self._space.wait(timeout)
                 finally:
                     self._space_waiters -= 1
 
-    def _publish_locked(self, req: BlockRequest, generation: int) -> bool | None:
-        if self.generation != generation or self._stopping:
-            return None
-        vq = self.vq
-        if vq.num_free < req.descriptor_count(self.size_max):
-            return False
-        head = vq.next_head()
-        slot = vq.slot_offset(head)
-        slot_addr = vq.slot_addr(head)
-        mem = vq.mem
-        HEADER.pack_into(mem, slot + HEADER_OFFSET, req.type, 0, req.sector)
-        mem[slot + STATUS_OFFSET] = STATUS_UNSET
-        if req.segment is None and req.data_len and (
-                not self.size_max or req.data_len <= self.size_max):
-            vq.add_data_chain(slot_addr + HEADER_OFFSET, HEADER.size, req.data_addr,
-                              req.data_len, req.device_writes, slot_addr + STATUS_OFFSET)
-            return self._published(head, req, generation)
-        chain = [(slot_addr + HEADER_OFFSET, HEADER.size, False)]
-        if req.segment is not None:
-            SEGMENT.pack_into(mem, slot + SEGMENT_OFFSET, *req.segment)
-            chain.append((slot_addr + SEGMENT_OFFSET, SEGMENT.size, False))
-        if req.data_len:
-            size_max = self.size_max
-            if not size_max or req.data_len <= size_max:
-                chain.append((req.data_addr, req.data_len, req.device_writes))
-            else:
-                for off in range(0, req.data_len, size_max):
-                    chain.append((req.data_addr + off, min(size_max, req.data_len - off),
-                                  req.device_writes))
-        chain.append((slot_addr + STATUS_OFFSET, 1, True))
-        vq.add_chain(chain)
-        return self._published(head, req, generation)
+    # --- session lifetime ------------------------------------------------------------------
 
-    def _published(self, head: int, req: BlockRequest, generation: int) -> bool:
-        self._in_flight[head] = req
-        req.queue = self
-        req.generation = generation
+    def set_device_base(self, base: int) -> None:
+        """The device address of the shared region's first byte: place the ring and every
+        slot, and write every slot's descriptor chain in its common shape."""
+        self.vq.set_device_base(base)
+        for slot in self.slots:
+            slot.set_device_base(base)
+            self._write_common_chain(slot)
+
+    def attach(self, transport: Transport, generation: int, on_lost: LostCallback) -> None:
+        """Set the queue up on ``transport`` for session ``generation`` (ring at index 0);
+        ``on_lost(reason, generation)`` is told if the device breaks the ring protocol.
+        Raises what transport.setup_queue raises."""
+        vq = self.vq
+        kicker: Kicker = transport.setup_queue(self.index, vq.size, vq.desc_addr,
+                                               vq.avail_addr, vq.used_addr, self.call_fd)
+        with self._lock:
+            self.generation = generation
+            self._kick = kicker.kick
+            self._on_lost = on_lost
+
+    def start(self) -> None:
+        with self._lock:
+            self._live = True
+
+    def detach(self) -> list[RequestSlot]:
+        """End the session: make the reaper leave, finish what the device completed, reset
+        the ring; return the slots still in flight (their owners sleep until they are
+        resubmitted or failed)."""
+        with self._lock:
+            self._live = False
+            if self._reaper is not None:
+                eventfd_write_holding_gil(self.call_fd)  # out of poll(), or soon
+                self._reaper_left.wait_for(lambda: self._reaper is None, 5.0)
+                self._reaper = None
+            self._complete_locked()
+            by_head = self._by_head
+            survivors = [s for h in self.vq.in_flight_heads() if (s := by_head[h]) is not None]
+            self.vq.reset()
+            self.stats.depth = 0
+            self.generation = -1
+            self._kick = _not_attached
+            self._on_lost = _no_loss
+            self._space.notify_all()
+        return survivors
+
+    def close(self) -> None:
+        """Release the call eventfd (after detach; nothing may use the queue afterwards)."""
+        if self.call_fd >= 0:
+            self._poller.unregister(self.call_fd)
+            os.close(self.call_fd)
+            self.call_fd = -1
+        self.vq.release()
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def _write_common_chain(self, slot: RequestSlot) -> None:
+        head = slot.head
+        self.vq.write_desc(head, slot.hdr_addr, HEADER.size, VIRTQ_DESC_F_NEXT, head + 1)
+        self.vq.write_desc(head + 2, slot.status_addr, 1, VIRTQ_DESC_F_WRITE, 0)
+        slot.custom_chain = False
+
+    def _prepare(self, slot: RequestSlot) -> int:
+        """Write ``slot``'s header, status preset and chain; return its writable bytes."""
+        vq, length = self.vq, slot.length
+        mem = vq.mem
+        HEADER.pack_into(mem, slot.hdr_off, slot.type, 0, slot.sector)
+        mem[slot.status_off] = STATUS_UNSET
+        writes = slot.type in _DEVICE_WRITES
+        if slot.segment is None and length and (not self.size_max or length <= self.size_max):
+            if slot.custom_chain:
+                self._write_common_chain(slot)
+            vq.write_desc(slot.head + 1, slot.buf_addr, length,
+                          _DATA_IN if writes else VIRTQ_DESC_F_NEXT, slot.head + 2)
+            return length + 1 if writes else 1
+        chain = [(slot.hdr_addr, HEADER.size, False)]
+        if slot.segment is not None:
+            SEGMENT.pack_into(mem, slot.seg_off, *slot.segment)
+            chain.append((slot.seg_addr, SEGMENT.size, False))
+        step = self.size_max or length or 1
+        for off in range(0, length, step):
+            chain.append((slot.buf_addr + off, min(step, length - off), writes))
+        chain.append((slot.status_addr, 1, True))
+        slot.custom_chain = True
+        return vq.write_chain(slot.head, chain)
+
+    def publish(self, slot: RequestSlot) -> bool:
+        """Publish the request in ``slot`` (type, sector, length, segment set; data in its
+        buffer) and kick the device if it asked.  False if the queue has no session now."""
+        writable = self._prepare(slot)
+        vq = self.vq
+        with self._lock:
+            if not self._live:
+                return False
+            old = vq.avail_idx
+            vq.publish(slot.head, writable)
+            self._published_locked(slot)
+            kick = self._kick
+        # Releasing the lock was a full barrier: the device's event index is read after it.
+        if vq.needs_kick(old, vq.avail_idx):
+            self.stats.kicks += 1
+            kick()
+        return True
+
+    def _published_locked(self, slot: RequestSlot) -> None:
+        slot.finished = False
+        slot.generation = self.generation
         stats = self.stats
         stats.depth += 1
         if stats.depth > stats.max_depth:
             stats.max_depth = stats.depth
-        return True
+        if self._reaper is None:
+            self._take_role_locked(slot)
+        else:
+            slot.sleeping = True
+            slot.owes_wakeup = True
+            self._sleepers[slot] = None
 
-    def _kick_if_needed_locked(self) -> None:
-        self._barrier()
-        if self.vq.needs_kick():
+    def _take_role_locked(self, slot: RequestSlot) -> None:
+        self._reaper = slot
+        slot.reaper = True
+        spins = self._reaper_spins = bool(self.spin_ns) and self._lone()
+        if spins:
+            self.vq.disable_notifications()
+        else:
+            self.vq.enable_notifications()  # the lock's release is the barrier
+
+    def resubmit(self, slots: list[RequestSlot]) -> list[RequestSlot]:
+        """Publish the survivors of a lost session again, in order; returns those that could
+        not be (the queue has no session).  Their owners are asleep (or about to be): the
+        oldest is handed the reaper role."""
+        vq = self.vq
+        with self._lock:
+            if not self._live:
+                return slots
+            old = vq.avail_idx
+            stats = self.stats
+            for slot in slots:
+                vq.publish(slot.head, self._prepare(slot))
+                slot.finished = False
+                slot.generation = self.generation
+                stats.depth += 1
+                if not slot.sleeping and not slot.reaper:
+                    slot.sleeping = slot.owes_wakeup = True
+                    self._sleepers[slot] = None
+            stats.max_depth = max(stats.max_depth, stats.depth)
+            self._hand_over_locked(oldest_first=True)
+            kick = self._kick
+        if vq.needs_kick(old, vq.avail_idx):
             self.stats.kicks += 1
-            self._kick()
+            kick()
+        return []
+
+    def fail(self, slot: RequestSlot, error: Exception) -> None:
+        """Finish ``slot`` with ``error`` (its session is gone) and wake its owner."""
+        with self._lock:
+            slot.error = error
+            self._finish_locked(slot)
 
     # --- completion ------------------------------------------------------------------------
 
-    def wait(self, req: BlockRequest, timeout: float) -> bool:
-        """Wait until ``req`` is finished, reaping completions if no one else is.
-
-        Returns False if ``timeout`` seconds pass first.  Never raises for the request's own
-        outcome (see BlockRequest.check).
-        """
-        deadline = time.monotonic() + timeout
-        lock = self._lock
-        while not req.finished:
-            with lock:
-                if req.finished:
-                    break
-                reaper = (not self._reaper_busy and not self._stopping
-                          and req.generation == self.generation)
-                if reaper:
-                    self._reaper_busy = True
-                else:
-                    self._waiters.add(req)
-            if reaper:
-                try:
-                    self._reap_until(req, deadline)
-                finally:
-                    self._leave_reaper()
-                if req.finished:
-                    break
-                if time.monotonic() >= deadline:
+    def wait(self, slot: RequestSlot, deadline: float) -> bool:
+        """Wait until ``slot`` is finished, reaping completions while holding the role.
+        False if ``deadline`` (time.monotonic()) passes first; call again to go on."""
+        while True:
+            if slot.owes_wakeup:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # At most a second at a time: a lost wake-up costs a second, never more.
+                if not slot.wakeup.acquire(timeout=min(remaining, 1.0)):
+                    continue
+                slot.owes_wakeup = False
+            if slot.reaper:
+                self._reap(slot, deadline)
+                if not slot.finished and time.monotonic() >= deadline:
                     return False
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                with lock:
-                    self._waiters.discard(req)
-                return req.finished
-            # Wake at least once a second to re-check: a lost hand-over of the reaper role
-            # then costs a second, never the whole request timeout.
-            req.done.acquire(timeout=min(remaining, 1.0))
-            with lock:
-                self._waiters.discard(req)
-        return True
-
-    def _reap_until(self, req: BlockRequest, deadline: float) -> None:
-        generation = self.generation
-        poller = self._poller
-        call_fd = self.call_fd
-        if poller is None:  # detached before we got here
-            return
-        while True:
-            broken = self.reap()
-            if broken:
-                self.on_broken(broken, generation)
-                return
-            if req.finished or self._stopping or self.generation != generation:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if self.spin_ns and self._lone() and self._spin():
-                continue
-            poller.poll(min(remaining, 1.0) * 1000)  # sleeps without the GIL
-            if eventfd_clear_holding_gil(call_fd):
-                self.stats.calls += 1
-
-    def _spin(self) -> bool:
-        """A lone request (nobody else wants the GIL or the CPU for another request) watches
-        the used ring for spin_ns before sleeping: a completion seen here costs no wake-up
-        (and, with the threads on different CPUs, no cross-CPU wake-up latency).  True if one
-        arrived."""
-        has_used, now = self.vq.has_used, time.perf_counter_ns
-        end = now() + self.spin_ns
-        while now() < end:
-            if has_used():
-                self.stats.spin_hits += 1
+            if slot.finished:
                 return True
+            with self._lock:   # neither role nor registration: a session ended under it
+                if not slot.finished and not slot.reaper and not slot.owes_wakeup:
+                    self._register_locked(slot)
+
+    def _register_locked(self, slot: RequestSlot) -> None:
+        if self._reaper is None and self._live and slot.generation == self.generation:
+            self._take_role_locked(slot)
+        else:
+            slot.sleeping = True
+            slot.owes_wakeup = True
+            self._sleepers[slot] = None
+
+    def _reap(self, slot: RequestSlot, deadline: float) -> None:
+        vq, generation = self.vq, slot.generation
+        spins = self._reaper_spins
+        while True:
+            if not vq.has_used():
+                if not (spins and self._watch(vq)):
+                    if spins:
+                        vq.enable_notifications()
+                        self._barrier()
+                    if not vq.has_used():
+                        timeout = min(max(deadline - time.monotonic(), 0.0), 1.0)
+                        self._poller.poll(timeout * 1000)   # sleeps without the GIL
+                        if eventfd_clear_holding_gil(self.call_fd):
+                            self.stats.calls += 1
+                    vq.disable_notifications()  # we are looking now
+            with self._lock:
+                if not self._live or generation != self.generation:
+                    self._leave_locked(slot)
+                    return
+                broken = self._complete_locked()
+                if broken:
+                    self._live = False   # no hand-over, no publishing: the session is over
+                if broken or slot.finished or time.monotonic() >= deadline:
+                    self._leave_locked(slot)
+                    on_lost = self._on_lost
+                    break
+                spins = self._reaper_spins = bool(self.spin_ns) and self._lone()
+                if spins:
+                    vq.disable_notifications()
+                else:
+                    vq.enable_notifications()
+        if broken:
+            log.error("vblk: device broke the ring protocol: %s", broken)
+            on_lost(f"device broke the virtqueue protocol ({broken})", generation)
+
+    def _watch(self, vq: Virtqueue) -> bool:
+        if vq.watch_used(self.spin_ns):
+            self.stats.spin_hits += 1
+            return True
         return False
 
-    def _leave_reaper(self) -> None:
-        with self._lock:
-            self._reaper_busy = False
-            if self._detaching:
-                self._reaper_left.notify_all()
-            # Hand the role to a thread that is asleep waiting for an unfinished request.
-            for other in self._waiters:
-                if not other.finished:
-                    other.wake()
-                    break
+    def _barrier(self) -> None:
+        # An atomic read-modify-write: a full barrier on x86 (virtio's virtio_mb()), which
+        # orders our used_event store before the load of the device's used index.
+        self._barrier_lock.acquire()
+        self._barrier_lock.release()
 
-    def _harvest_locked(self, finished: list[BlockRequest]) -> str | None:
-        """Move the device's new used entries into ``finished`` (caller holds the lock).
-        Returns a reason if the device broke the ring protocol; entries before the bad one
-        are still finished."""
-        vq, in_flight, mem = self.vq, self._in_flight, self.vq.mem
+    def _leave_locked(self, slot: RequestSlot) -> None:
+        slot.reaper = False
+        if self._reaper is slot:
+            self._reaper = None
+            if self._live:
+                self._hand_over_locked()
+            self._reaper_left.notify_all()
+        if not slot.finished:   # a sleeper until resubmitted, failed or handed the role
+            slot.sleeping = slot.owes_wakeup = True
+            self._sleepers[slot] = None
+
+    def _hand_over_locked(self, oldest_first: bool = False) -> None:
+        """Give the reaper role to a sleeper, if nobody holds it: the first registered (the
+        oldest request, so a thread waiting for its pieces in order never sleeps on one while
+        the role waits on a later one), or with ``oldest_first`` the lowest sequence number
+        (after a resubmission the registration order is the old session's)."""
+        if self._reaper is not None or not self._sleepers:
+            return
+        if oldest_first:
+            chosen = min(self._sleepers, key=_seq)
+        else:
+            chosen = next(iter(self._sleepers))
+        del self._sleepers[chosen]
+        chosen.sleeping = False
+        self._take_role_locked(chosen)
+        chosen.wakeup.release()
+
+    def _finish_locked(self, slot: RequestSlot) -> None:
+        slot.finished = True
+        if slot.sleeping:
+            slot.sleeping = False
+            del self._sleepers[slot]
+            slot.wakeup.release()
+
+    def _complete_locked(self) -> str | None:
+        """Complete every used entry and wake the owners (caller holds the lock).  Returns
+        why the ring is broken, if it is; entries before the bad one are still completed."""
         broken = None
         try:
-            entries = vq.harvest()
+            entries = self.vq.harvest()
         except RingError as e:
             entries = e.completed
             broken = f"queue {self.index}: {e}"
+        if not entries:
+            return broken
+        mem, by_head, stats = self.vq.mem, self._by_head, self.stats
         for head, written in entries:
-            req = in_flight.pop(head)
-            req.status = mem[vq.slot_offset(head) + STATUS_OFFSET]
-            req.written = written
-            req.finished = True
-            finished.append(req)
-        return broken
-
-    def _account_locked(self, finished: list[BlockRequest]) -> None:
-        stats = self.stats
-        stats.depth -= len(finished)
-        stats.requests += len(finished)
-        for req in finished:
-            if req.status != VIRTIO_BLK_S_OK or (
-                    req.type == RequestType.IN and req.written != req.data_len + 1):
+            slot = by_head[head]
+            assert slot is not None  # harvest accepts only heads we published
+            slot.status = mem[slot.status_off]
+            slot.written = written
+            if slot.ok:
+                if slot.type != RequestType.GET_ID:
+                    stats.bytes += slot.length
+            else:
                 stats.errors += 1
-            elif req.type != RequestType.GET_ID:
-                stats.bytes += req.data_len
-
-    def reap(self) -> str | None:
-        """Harvest completions and wake their waiters.  Returns a reason if the device broke
-        the ring protocol (the session must then be torn down), else None."""
-        finished: list[BlockRequest] = []
-        broken = None
-        with self._lock:
-            if self._stopping:
-                return None
-            vq = self.vq
-            while True:
-                broken = self._harvest_locked(finished)
-                if broken:
-                    break
-                vq.enable_interrupts()
-                self._barrier()
-                if not vq.has_used():
-                    break
-            if finished:
-                self._account_locked(finished)
-                if self._space_waiters:  # skip the call when no submitter waits for room
-                    self._space.notify_all()
-        for req in finished:
-            req.wake()
-        if broken:
-            log.error("vblk: device broke the ring protocol: %s", broken)
+            self._finish_locked(slot)
+        stats.depth -= len(entries)
+        stats.requests += len(entries)
+        if self._space_waiters:
+            self._space.notify_all()
         return broken
 
 
-def _not_attached() -> None:
-    """The kick of a queue with no session: nothing to notify (recovery resubmits)."""
+def _seq(slot: RequestSlot) -> int:
+    return slot.seq

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .device_info import DeviceInfo, identify
 from .errors import DeviceChanged, RequestError
-from .request import BlockRequest
+from .slot import RequestSlot
 from .transport import Connector, Transport
 
 log = logging.getLogger("vblk")
@@ -39,29 +39,40 @@ class DeviceState(enum.Enum):
     CLOSED = "closed"
 
 
-class SessionHost(Protocol):
-    """What the supervisor needs from the block device it supervises."""
+class Session(Protocol):
+    """What the supervisor drives: the device's queues and memory (datapath.DataPath)."""
 
     def attach(self, transport: Transport, generation: int) -> None:
         """Map memory and set every queue up on ``transport``, then start it."""
 
-    def detach(self) -> list[BlockRequest]:
-        """Stop every queue; return the requests that did not complete."""
+    def detach(self) -> list[RequestSlot]:
+        """Stop every queue; return the requests that did not complete, oldest first."""
 
-    def check_same_device(self, info: DeviceInfo) -> None:
-        """Raise DeviceChanged if ``info`` is not the device in use."""
+    def resubmit(self, slots: list[RequestSlot]) -> None:
+        """Publish ``slots`` again on the current session (or fail them)."""
 
-    def resubmit(self, req: BlockRequest) -> None:
-        """Publish ``req`` again on the current session (or fail it)."""
+    def fail(self, slot: RequestSlot, error: Exception) -> None:
+        """Finish ``slot`` with ``error`` and wake its owner."""
+
+
+def check_same_device(was: DeviceInfo, now: DeviceInfo, num_queues: int) -> None:
+    """Raise DeviceChanged unless ``now`` can carry on the requests of ``was`` (same identity
+    and features, at least ``num_queues`` queues)."""
+    if now.identity != was.identity:
+        raise DeviceChanged("its identity", was.identity, now.identity)
+    if now.features != was.features:
+        raise DeviceChanged("the negotiated features", hex(was.features), hex(now.features))
+    if now.max_queues < num_queues:
+        raise DeviceChanged("the number of queues it offers", num_queues, now.max_queues)
 
 
 class Supervisor:
     """Owns the device's state and its current transport.  ``state`` and ``generation`` are
-    plain attributes, read without a lock on the hot path."""
+    plain attributes, read without a lock.  ``begin`` makes the first session of ``session``
+    (queues of the device ``info`` describes, ``num_queues`` of them)."""
 
-    def __init__(self, connector: Connector, host: SessionHost, reconnect_timeout: float) -> None:
+    def __init__(self, connector: Connector, reconnect_timeout: float) -> None:
         self.connector = connector
-        self.host = host
         self.reconnect_timeout = reconnect_timeout
         self.state = DeviceState.NEW
         self.generation = 0
@@ -69,17 +80,26 @@ class Supervisor:
         self.reconnects = 0
         self._cond = threading.Condition(threading.Lock())
         self._transport: Transport | None = None
+        self._session: Session | None = None
+        self._info: DeviceInfo | None = None
+        self._num_queues = 0
         self._monitor: threading.Thread | None = None
         self._monitor_stop = -1
         self._recovery: threading.Thread | None = None
 
     # --- sessions --------------------------------------------------------------------------
 
-    def begin(self, transport: Transport) -> None:
-        """Make ``transport`` (identified, memory and queues not yet set up) the current
-        session: attach the host, start watching it, become CONNECTED."""
+    def begin(self, transport: Transport, session: Session, info: DeviceInfo,
+              num_queues: int) -> None:
+        """The first session: ``transport`` (identified as ``info``) carries ``session``'s
+        ``num_queues`` queues.  Raises what session.attach raises."""
+        self._session, self._info, self._num_queues = session, info, num_queues
+        self._begin(transport)
+
+    def _begin(self, transport: Transport) -> None:
+        assert self._session is not None
         generation = self.generation + 1
-        self.host.attach(transport, generation)
+        self._session.attach(transport, generation)
         self._transport = transport
         stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         with self._cond:
@@ -109,7 +129,7 @@ class Supervisor:
                 self.lost(reason, generation)
                 return
 
-    def _end_session(self) -> list[BlockRequest]:
+    def _end_session(self) -> list[RequestSlot]:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -119,15 +139,21 @@ class Supervisor:
                 self._monitor.join()
             os.close(self._monitor_stop)
             self._monitor_stop = -1
-        survivors = self.host.detach()
-        survivors.sort(key=lambda r: r.seq)
-        return survivors
+        return self._session.detach() if self._session is not None else []
 
     # --- waiting ---------------------------------------------------------------------------
 
-    def wait_while_recovering(self, timeout: float) -> None:
+    def await_session(self, timeout: float) -> None:
+        """Return once the device is CONNECTED again (or ``timeout`` passed).  Raises
+        RequestError(EIO) if it has failed, is closed or was never connected."""
         with self._cond:
-            self._cond.wait_for(lambda: self.state is not DeviceState.RECOVERING, timeout)
+            if self.state is DeviceState.RECOVERING:
+                self._cond.wait_for(lambda: self.state is not DeviceState.RECOVERING, timeout)
+            state = self.state
+        if state is DeviceState.CONNECTED:
+            time.sleep(0.001)  # a queue between two sessions: let recovery finish
+        elif state is not DeviceState.RECOVERING:
+            raise RequestError(self.unavailable_reason(), errno.EIO)
 
     def unavailable_reason(self) -> str:
         if self.state is DeviceState.CLOSED:
@@ -176,47 +202,53 @@ class Supervisor:
             self.failure = failure
             self._cond.notify_all()
         log.error("vblk: device %s failed: %s", self.connector.target, failure)
-        for req in survivors:
-            req.fail(RequestError(f"device lost: {failure}", errno.EIO))
+        self._fail_all(survivors, RequestError(f"device lost: {failure}", errno.EIO))
 
     def _reconnect(self) -> None:
         transport = self.connector.connect()
         try:
-            self.host.check_same_device(identify(transport))
-            self.begin(transport)
+            assert self._info is not None
+            check_same_device(self._info, identify(transport), self._num_queues)
+            self._begin(transport)
         except BaseException:
             transport.close()
             raise
 
-    def _resubmit_all(self, survivors: list[BlockRequest], reason: str) -> None:
+    def _resubmit_all(self, survivors: list[RequestSlot], reason: str) -> None:
         self.reconnects += 1
         log.warning("vblk: reconnected to %s, resubmitting %d request(s)",
                     self.connector.target, len(survivors))
-        for req in survivors:
-            req.attempts += 1
-            if req.attempts > MAX_ATTEMPTS:
-                req.fail(RequestError(f"request lost {req.attempts} sessions in a row "
-                                      f"(last: {reason})", errno.EIO))
-                continue
-            self.host.resubmit(req)
+        again = []
+        for slot in survivors:
+            slot.attempts += 1
+            if slot.attempts > MAX_ATTEMPTS:
+                self._fail_all([slot], RequestError(f"request lost {slot.attempts} sessions "
+                                                    f"in a row (last: {reason})", errno.EIO))
+            else:
+                again.append(slot)
+        assert self._session is not None
+        self._session.resubmit(again)
         with self._cond:
             if self.state is DeviceState.RECOVERING:
                 self.state = DeviceState.CONNECTED
             self._cond.notify_all()
-        for req in survivors:
-            req.wake()  # their waiters re-check, and one of them becomes the reaper
+
+    def _fail_all(self, slots: list[RequestSlot], error: Exception) -> None:
+        for slot in slots:
+            assert self._session is not None
+            self._session.fail(slot, error)
 
     # --- shutdown --------------------------------------------------------------------------
 
-    def close(self) -> list[BlockRequest]:
-        """Become CLOSED, end the session; return what was still in flight (empty if the
-        device was already closed)."""
+    def close(self) -> None:
+        """Become CLOSED, end the session and fail what was still in flight with EIO
+        (nothing if the device was already closed)."""
         with self._cond:
             if self.state is DeviceState.CLOSED:
-                return []
+                return
             self.state = DeviceState.CLOSED
             self._cond.notify_all()
         recovery = self._recovery
         if recovery is not None and recovery is not threading.current_thread():
             recovery.join()
-        return self._end_session()
+        self._fail_all(self._end_session(), RequestError("the device was closed", errno.EIO))

@@ -1,12 +1,19 @@
-"""Split virtqueue (virtio 1.x, section 2.7) over one slice of shared memory.
+"""Split virtqueue (virtio 1.x, section 2.7) over one slice of shared memory: driver side.
 
-Driver side only.  Not thread-safe: the caller holds a lock per queue.  Everything the device
-writes (the used ring, the avail_event word) is validated before use: a bad value raises
-RingError and leaves this object unchanged enough to be reset, never corrupting memory.
+The descriptor table is not a free list here: it is cut into fixed chains, one per request
+slot (the slot whose chain starts at descriptor ``head`` owns descriptors ``head`` to
+``head + chain_len - 1``).  The queue runner writes a slot's descriptors once and changes only
+what a request changes, so publishing a request is a few stores and never walks a free list.
+
+Not thread-safe: the caller serializes publishing (a lock per queue) and harvesting (one
+reaper).  Everything the device writes (the used ring, the avail_event word) is validated
+before use: a bad value raises RingError and never corrupts memory.  Notification words (the
+avail ring's flags and used_event) are written by the one thread that looks at the used ring.
 """
 from __future__ import annotations
 
 import struct
+import time
 
 from .errors import RingError
 from .layout import VirtqueueLayout
@@ -16,8 +23,8 @@ VIRTQ_DESC_F_WRITE = 2
 VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 
-_DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
+DESC = struct.Struct("<QIHH")
+NOT_IN_FLIGHT = -1
 
 
 class Virtqueue:
@@ -26,7 +33,7 @@ class Virtqueue:
     ``mem`` is a writable memoryview of the whole shared region; the queue occupies
     ``layout.end_offset`` bytes from ``offset``; ``guest_base`` is the device address of mem[0].
     Raises ValueError("Incorrectly sized queue buffer") if the slice is too short and
-    ValueError("Insufficient memory alignment") if the per-request slots are misaligned.
+    ValueError("Insufficient memory alignment") if the rings or slots are misaligned.
     """
 
     def __init__(self, mem: memoryview, offset: int, layout: VirtqueueLayout, guest_base: int,
@@ -41,18 +48,21 @@ class Virtqueue:
         self.set_device_base(guest_base)
         self.req_off = offset + layout.req_offset
         self.req_size = layout.req_size
-        self._avail_off = offset + layout.avail_offset
-        self._used_off = offset + layout.used_offset
-        # Indexes shared with the device are read and written as whole 16-bit words: struct
-        # packs byte by byte, and a torn index (0x00FF -> 0x0000 -> 0x0100) makes the device
-        # (or us) see a ring that moved by ~65535 entries.  memoryview 'H' items are one access.
-        words = mem[:len(mem) // 2 * 2].cast("H")
-        self._words = words
-        self._avail_idx_w = (self._avail_off + 2) // 2
-        self._used_event_w = (self._avail_off + 4 + 2 * self.size) // 2
-        self._used_flags_w = self._used_off // 2
-        self._used_idx_w = (self._used_off + 2) // 2
-        self._avail_event_w = (self._used_off + 4 + 8 * self.size) // 2
+        avail_off = offset + layout.avail_offset
+        used_off = offset + layout.used_offset
+        # Indexes shared with the device are read and written as whole 16-bit words (and used
+        # elements as 32-bit words): struct packs byte by byte, and a torn index
+        # (0x00FF -> 0x0000 -> 0x0100) makes the other side see a ring that moved by ~65535.
+        self._words = mem[:len(mem) // 4 * 4].cast("H")
+        self._dwords = mem[:len(mem) // 4 * 4].cast("I")
+        self._avail_flags_w = avail_off // 2
+        self._avail_idx_w = avail_off // 2 + 1
+        self._avail_ring_w = avail_off // 2 + 2
+        self._used_event_w = avail_off // 2 + 2 + self.size
+        self._used_flags_w = used_off // 2
+        self._used_idx_w = used_off // 2 + 1
+        self._used_ring_dw = (used_off + 4) // 4   # 4 mod 8 + 4: 8-aligned elements
+        self._avail_event_w = (used_off + 4 + 8 * self.size) // 2
         self.event_idx = event_idx
         self.reset()
 
@@ -63,39 +73,27 @@ class Virtqueue:
         start = guest_base + offset
         if start % 16 or (start + layout.req_offset) % self.req_alignment:
             raise ValueError("Insufficient memory alignment")
-        self.desc_addr = guest_base + offset
-        self.avail_addr = guest_base + offset + layout.avail_offset
-        self.used_addr = guest_base + offset + layout.used_offset
-        self.req_addr = guest_base + offset + layout.req_offset
+        self.guest_base = guest_base
+        self.desc_addr = start
+        self.avail_addr = start + layout.avail_offset
+        self.used_addr = start + layout.used_offset
+        self.req_addr = start + layout.req_offset
 
     def release(self) -> None:
-        """Drop our 16-bit view of the shared memory, so the region can be unmapped."""
+        """Drop our views of the shared memory, so the region can be unmapped."""
         self._words.release()
+        self._dwords.release()
 
     def reset(self) -> None:
-        """Zero the rings and free every descriptor (a fresh queue at index 0)."""
-        start, end = self.offset, self.offset + self.layout.req_offset
+        """Zero the rings (a fresh queue at index 0) and forget what was in flight.  The
+        descriptor table is kept: the slots' chains stay written."""
+        start = self.offset + self.layout.avail_offset
+        end = self.offset + self.layout.req_offset
         self.mem[start:end] = bytes(end - start)
-        size = self.size
-        # Free list threaded through `next`; the authoritative copy is ours, not the device's.
-        self._next = list(range(1, size + 1))
-        self._free_head = 0
-        self.num_free = size
-        self._chain_len = [0] * size       # descriptors in the chain headed here, 0 = not in flight
-        self._writable = [0] * size        # device-writable bytes in that chain
-        self.avail_idx = 0                 # next free slot (free-running u16)
-        self.last_used_idx = 0             # next used entry we have not consumed
-        self._kicked_idx = 0               # avail_idx at the last kick decision
-        for i in range(size):
-            _DESC.pack_into(self.mem, self.offset + 16 * i, 0, 0, 0, (i + 1) % size)
-
-    @property
-    def in_flight(self) -> int:
-        return self.size - self.num_free
-
-    def next_head(self) -> int:
-        """The descriptor the next chain will start at (its request slot is the request's)."""
-        return self._free_head
+        self._writable = [NOT_IN_FLIGHT] * self.size  # per head: device-writable bytes
+        self.in_flight = 0
+        self.avail_idx = 0          # next free avail slot (free-running u16)
+        self.last_used_idx = 0      # next used entry we have not consumed
 
     def slot_offset(self, head: int) -> int:
         """Offset in ``mem`` of the per-request slot that belongs to descriptor ``head``."""
@@ -105,127 +103,125 @@ class Virtqueue:
         """Device address of the per-request slot that belongs to descriptor ``head``."""
         return self.req_addr + head * self.req_size
 
-    def add_chain(self, segments: list[tuple[int, int, bool]]) -> int:
-        """Publish a chain of (guest address, length, device_writable) segments.
+    def write_desc(self, index: int, addr: int, length: int, flags: int, next_index: int) -> None:
+        """Write descriptor ``index`` (device address, length, VIRTQ_DESC_F_* flags, next)."""
+        DESC.pack_into(self.mem, self.offset + 16 * index, addr, length, flags, next_index)
 
-        Returns the head descriptor index.  The caller must have checked ``num_free``;
-        raises ValueError if the chain is empty or does not fit.
-        """
+    def write_chain(self, head: int, segments: list[tuple[int, int, bool]]) -> int:
+        """Write (device address, length, device_writable) segments as the chain at ``head``
+        (descriptors head, head+1, ...).  Returns its device-writable bytes.  Raises
+        ValueError if the chain is empty or runs past the table."""
         n = len(segments)
-        if n == 0 or n > self.num_free:
+        if n == 0 or head < 0 or head + n > self.size:
             raise ValueError("descriptor chain does not fit in the queue")
-        mem, base, nxt = self.mem, self.offset, self._next
-        head = idx = self._free_head
         writable = 0
         for i, (addr, length, device_writes) in enumerate(segments):
             flags = VIRTQ_DESC_F_WRITE if device_writes else 0
             if device_writes:
                 writable += length
-            following = nxt[idx]
             if i + 1 < n:
                 flags |= VIRTQ_DESC_F_NEXT
-                _DESC.pack_into(mem, base + 16 * idx, addr, length, flags, following)
-                idx = following
-            else:
-                _DESC.pack_into(mem, base + 16 * idx, addr, length, flags, 0)
-                self._free_head = following
-        self.num_free -= n
-        self._chain_len[head] = n
-        self._writable[head] = writable
-        words = self._words
-        words[self._avail_idx_w + 1 + self.avail_idx % self.size] = head
-        # x86 keeps stores in order: the ring entry is visible before the index that exposes it.
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        words[self._avail_idx_w] = self.avail_idx
-        return head
+            self.write_desc(head + i, addr, length, flags, head + i + 1 if i + 1 < n else 0)
+        return writable
 
-    def add_data_chain(self, head_slot_addr: int, header_len: int, data_addr: int,
-                       data_len: int, device_writes: bool, status_addr: int) -> int:
-        """Fast path of add_chain for the common 3-descriptor chain: header (device-readable),
-        one data buffer, status byte (device-writable).  Caller checked ``num_free >= 3``."""
-        mem, base, nxt = self.mem, self.offset, self._next
-        pack = _DESC.pack_into
-        head = self._free_head
-        second = nxt[head]
-        third = nxt[second]
-        pack(mem, base + 16 * head, head_slot_addr, header_len, VIRTQ_DESC_F_NEXT, second)
-        pack(mem, base + 16 * second, data_addr, data_len,
-             VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE if device_writes else VIRTQ_DESC_F_NEXT,
-             third)
-        pack(mem, base + 16 * third, status_addr, 1, VIRTQ_DESC_F_WRITE, 0)
-        self._free_head = nxt[third]
-        self.num_free -= 3
-        self._chain_len[head] = 3
-        self._writable[head] = data_len + 1 if device_writes else 1
-        words = self._words
-        avail_idx = self.avail_idx
-        words[self._avail_idx_w + 1 + avail_idx % self.size] = head
+    def publish(self, head: int, writable: int) -> None:
+        """Make the chain at ``head`` available; the device may write ``writable`` bytes into
+        it.  The caller owns ``head`` (it is not in flight)."""
+        self._writable[head] = writable
+        self.in_flight += 1
+        words, avail_idx = self._words, self.avail_idx
+        words[self._avail_ring_w + (avail_idx & (self.size - 1))] = head
         avail_idx = (avail_idx + 1) & 0xFFFF
         self.avail_idx = avail_idx
-        words[self._avail_idx_w] = avail_idx  # last: exposes the entry (x86 orders stores)
-        return head
+        words[self._avail_idx_w] = avail_idx  # last: x86 keeps stores in order
 
-    def needs_kick(self) -> bool:
-        """Whether the device asked to be notified of what was published since the last call.
-
-        Call after a full memory barrier (releasing a lock is one) following add_chain.
-        """
-        old, new = self._kicked_idx, self.avail_idx
-        self._kicked_idx = new
+    def needs_kick(self, old: int, new: int) -> bool:
+        """Whether the device asked to be told of the entries published from avail index
+        ``old`` up to ``new``.  Call after a full memory barrier (releasing a lock is one)
+        that follows the publishing.  Windows of several publishers may overlap: a kick too
+        many is harmless, and every published entry lies in some window."""
         if old == new:
             return False
         if self.event_idx:
             avail_event = self._words[self._avail_event_w]
-            # vring_need_event(): did new pass avail_event since old?
+            # vring_need_event(): did the index pass avail_event between old and new?
             return ((new - avail_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not (self._words[self._used_flags_w] & VIRTQ_USED_F_NO_NOTIFY)
 
     def has_used(self) -> bool:
+        """Whether the device has completed entries we have not harvested."""
         return self._words[self._used_idx_w] != self.last_used_idx
 
-    def enable_interrupts(self) -> None:
-        """Ask for a call at the next completion (used_event with EVENT_IDX, else the flag)."""
+    def watch_used(self, nanoseconds: int) -> bool:
+        """Busy-wait up to ``nanoseconds`` for a completion (holding the GIL); True if one
+        arrived.  For a request alone on the device, this saves a sleep and a wake-up."""
+        words, w, last = self._words, self._used_idx_w, self.last_used_idx
+        now = time.perf_counter_ns
+        end = now() + nanoseconds
+        while now() < end:
+            if words[w] != last:
+                return True
+        return False
+
+    def enable_notifications(self) -> None:
+        """Ask for a call at the next completion.  The caller must then issue a full barrier
+        and look at ``has_used`` once more before it sleeps (a completion in between would
+        not be signalled)."""
         if self.event_idx:
             self._words[self._used_event_w] = self.last_used_idx
         else:
-            self._words[self._avail_off // 2] = 0
+            self._words[self._avail_flags_w] = 0
+
+    def disable_notifications(self) -> None:
+        """Ask for no calls: someone is looking at the used ring.  With EVENT_IDX, used_event
+        is put just behind the ring, so that only a wrap of 65535 entries would signal."""
+        if self.event_idx:
+            self._words[self._used_event_w] = (self.last_used_idx - 1) & 0xFFFF
+        else:
+            self._words[self._avail_flags_w] = VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def harvest(self) -> list[tuple[int, int]]:
-        """Consume new used entries: a list of (head, written_len), descriptors freed.
+        """Consume new used entries: a list of (head, written length).
 
-        Raises RingError if the device's used index or an entry is invalid (index moved more
-        than the queue size, id out of range or not in flight, length beyond what the chain
-        lets the device write).  Entries before the bad one are still consumed and freed, and
-        travel in the exception's ``completed``.
+        Raises RingError if the device's used index or an entry is invalid (index moved by
+        more than what is in flight, id not the head of an in-flight chain, length beyond what
+        the chain lets the device write).  Valid entries before a bad one are still consumed
+        and travel in the exception's ``completed``.
         """
-        mem, size = self.mem, self.size
         used_idx = self._words[self._used_idx_w]
-        pending = (used_idx - self.last_used_idx) & 0xFFFF
+        last = self.last_used_idx
+        pending = (used_idx - last) & 0xFFFF
         if pending == 0:
             return []
         completed: list[tuple[int, int]] = []
-        if pending > size - self.num_free:
+        if pending > self.in_flight:  # an impossible index: nothing in it is believed
             raise RingError(f"device moved the used index by {pending} with "
-                            f"{size - self.num_free} descriptors in flight", completed)
-        ring_off = self._used_off + 4
-        chain_len, nxt = self._chain_len, self._next
+                            f"{self.in_flight} requests in flight", completed)
+        dwords, ring, mask, size = self._dwords, self._used_ring_dw, self.size - 1, self.size
+        writable = self._writable
         for _ in range(pending):
-            head, length = _USED_ELEM.unpack_from(mem, ring_off + 8 * (self.last_used_idx % size))
-            if head >= size or chain_len[head] == 0:
+            pos = ring + 2 * (last & mask)
+            head, length = dwords[pos], dwords[pos + 1]
+            allowed = writable[head] if head < size else NOT_IN_FLIGHT
+            if allowed == NOT_IN_FLIGHT:
                 raise RingError(f"device completed descriptor {head}, which is not an "
                                 f"in-flight request head (queue size {size})", completed)
-            if length > self._writable[head]:
+            if length > allowed:
                 raise RingError(f"device reported {length} bytes written to a chain that "
-                                f"allows {self._writable[head]}", completed)
-            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
-            # Return the chain to the free list, walking our own copy of `next`.
-            n = chain_len[head]
-            chain_len[head] = 0
-            tail = head
-            for _ in range(n - 1):
-                tail = nxt[tail]
-            nxt[tail] = self._free_head
-            self._free_head = head
-            self.num_free += n
+                                f"allows {allowed}", completed)
+            writable[head] = NOT_IN_FLIGHT
+            self.in_flight -= 1
+            last = (last + 1) & 0xFFFF
+            self.last_used_idx = last
             completed.append((head, length))
         return completed
+
+    def forget(self, head: int) -> None:
+        """Count the chain at ``head`` as no longer in flight (its session ended)."""
+        if self._writable[head] != NOT_IN_FLIGHT:
+            self._writable[head] = NOT_IN_FLIGHT
+            self.in_flight -= 1
+
+    def in_flight_heads(self) -> list[int]:
+        """Heads of the chains published and not completed."""
+        return [h for h, w in enumerate(self._writable) if w != NOT_IN_FLIGHT]
