@@ -12,13 +12,13 @@ Each module: what it owns | what it may import of vblk_core (only modules above 
     transport.py   Transport/Connector: the interface   | layout
     transports/    the transports (see its __init__)    | errors eventfd layout transport virtio
     device_info.py identify/probe: features, config     | layout transport virtio_blk
-    request.py     BlockRequest, resubmittable          | errors virtio_blk
-    queues.py      QueueRunner: publish, kick, reap     | errors eventfd request transport
+    slot.py        RequestSlot: one request, prepared once | errors virtio_blk
+    queues.py      QueueRunner: publish, reap, wake     | errors eventfd slot transport
                                                           virtio_blk virtqueue
-    supervisor.py  sessions: loss, reconnect, recovery  | device_info errors request transport
-    dispatch.py    queue choice, back-pressure, stalls  | errors queues request supervisor
-    batch.py       split transfers, ranged requests     | errors memory request virtio_blk
-    device.py      BlockDevice: the multi-queue device  | all of the above but transports/
+    supervisor.py  sessions: loss, reconnect, recovery  | device_info errors slot transport
+    datapath.py    DataPath: region, queues, slots; the | errors layout memory queues slot
+                   reads, writes and pieces               transport virtio_blk virtqueue
+    device.py      BlockDevice: checks, set-up, verbs   | all of the above but transports/
 
 This __init__ exports the public API, the three transports' connectors included.
 """

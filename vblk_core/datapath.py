@@ -258,7 +258,7 @@ class DataPath:
                 self._wait(q, slot)
                 if mv is not None and is_read and error is None:
                     mv[pos:pos + slot.length] = slot.buf[:slot.length]
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - kept, raised after the rest
                 error = error or e
             finally:
                 q.give_back(slot)
@@ -289,7 +289,7 @@ class DataPath:
                     slot.segment = ((offset + pos) // SECTOR_SIZE, length // SECTOR_SIZE,
                                     ranged[3])
                 self._submit(q, slot)
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - kept, raised after the rest
                 error = error or e
                 if slot is not None:
                     q.give_back(slot)
