@@ -13,6 +13,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from threading import get_ident
 from typing import Protocol
 
 from .errors import DeviceError, RequestError
@@ -75,6 +76,7 @@ class DataPath:
         self.region = region = SharedRegion(rings_bytes + num_queues * per_queue * buf_size)
         view = region.view
         self.queues: list[QueueRunner] = []
+        self._seq = itertools.count()   # one publish order over every queue
         for q in range(num_queues):
             vq = Virtqueue(view, q * layout.end_offset, layout, region.base_addr, 8, event_idx)
             slots = []
@@ -84,11 +86,11 @@ class DataPath:
                 slots.append(RequestSlot(q, i, head, vq.slot_offset(head), HEADER_OFFSET,
                                          SEGMENT_OFFSET, STATUS_OFFSET,
                                          view[buf_off:buf_off + transfer], buf_off))
-            self.queues.append(QueueRunner(q, vq, slots, size_max, self._lone, spin_seconds))
+            self.queues.append(QueueRunner(q, vq, slots, size_max, self._lone, spin_seconds,
+                                           self._seq))
         self._device_base: int | None = None
         self._affinity: dict[int, QueueRunner] = {}
         self._next_queue = itertools.count()
-        self._seq = itertools.count()
 
     def _lone(self) -> bool:
         total = 0
@@ -151,8 +153,9 @@ class DataPath:
     # --- requests --------------------------------------------------------------------------
 
     def _queue(self) -> QueueRunner:
-        # One queue per OS thread, spread round-robin (keyed by thread id: nbdkit gives every
-        # callback a fresh Python thread state, so threading.local() would forget it).
+        """The calling thread's queue: the first time, the next one round-robin (keyed by
+        thread id: nbdkit gives every callback a fresh Python thread state, so
+        threading.local() would forget it).  The hot paths look ``_affinity`` up first."""
         ident = threading.get_ident()
         q = self._affinity.get(ident)
         if q is None:
@@ -176,9 +179,8 @@ class DataPath:
         return slot
 
     def _submit(self, q: QueueRunner, slot: RequestSlot) -> None:
-        slot.seq = next(self._seq)
-        slot.attempts = 0
-        slot.error = None
+        """Publish ``slot`` on ``q``, waiting through a reconnect.  Raises RequestError(EIO)
+        if the device has failed or is closed.  (The hot paths try q.publish first.)"""
         while not q.publish(slot):
             self._gate.await_session(self.request_timeout)
 
@@ -195,12 +197,13 @@ class DataPath:
         length = len(mv)
         if length > self.max_transfer:
             return self._pieces(mv, offset, True)
-        q = self._queue()
+        q = self._affinity.get(get_ident()) or self._queue()
         slot = q.take() or self._take(q)
         try:
             slot.type, slot.sector, slot.length, slot.segment = (
                 RequestType.IN, offset // SECTOR_SIZE, length, None)
-            self._submit(q, slot)
+            if not q.publish(slot):
+                self._submit(q, slot)
             self._wait(q, slot)
             mv[:] = slot.buf[:length]
         finally:
@@ -211,13 +214,14 @@ class DataPath:
         length = len(mv)
         if length > self.max_transfer:
             return self._pieces(mv, offset, False)
-        q = self._queue()
+        q = self._affinity.get(get_ident()) or self._queue()
         slot = q.take() or self._take(q)
         try:
             slot.buf[:length] = mv
             slot.type, slot.sector, slot.length, slot.segment = (
                 RequestType.OUT, offset // SECTOR_SIZE, length, None)
-            self._submit(q, slot)
+            if not q.publish(slot):
+                self._submit(q, slot)
             self._wait(q, slot)
         finally:
             q.give_back(slot)

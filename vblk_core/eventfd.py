@@ -39,4 +39,4 @@ class EventfdKicker:
 
     def kick(self) -> None:
         # A failed write means the session is going away: recovery resubmits or fails.
-        eventfd_write_holding_gil(self.fd)
+        _write(self.fd, _ONE, 8)

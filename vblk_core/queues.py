@@ -13,18 +13,19 @@ request costs two lock acquisitions (publish, complete) and at most one wake-up.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil, eventfd_write_holding_gil
 from .slot import STATUS_UNSET, RequestSlot
 from .transport import Kicker, Transport
-from .virtio_blk import HEADER, SEGMENT, RequestType
+from .virtio_blk import HEADER, SEGMENT, VIRTIO_BLK_S_OK, RequestType
 from .virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
 
 log = logging.getLogger("vblk")
@@ -66,7 +67,8 @@ class QueueRunner:
     ``spin_seconds``)."""
 
     def __init__(self, index: int, vq: Virtqueue, slots: list[RequestSlot], size_max: int,
-                 lone: Callable[[], bool], spin_seconds: float = 0.0) -> None:
+                 lone: Callable[[], bool], spin_seconds: float = 0.0,
+                 sequence: Iterator[int] | None = None) -> None:
         self.index = index
         self.vq = vq
         self.slots = slots
@@ -78,6 +80,7 @@ class QueueRunner:
         self.high_water = 0
         self.spin_ns = int(spin_seconds * 1e9)
         self._lone = lone
+        self._seq = sequence if sequence is not None else itertools.count()  # publish order
         self._lock = threading.Lock()
         self._barrier_lock = threading.Lock()
         self._space = threading.Condition(self._lock)
@@ -85,6 +88,7 @@ class QueueRunner:
         self._reaper: RequestSlot | None = None
         self._reaper_spins = False           # the role's holder starts by spinning
         self._reaper_left = threading.Condition(self._lock)
+        self._detaching = False
         self._sleepers: dict[RequestSlot, None] = {}   # insertion order = publish order
         self._live = False
         self.generation = -1
@@ -121,6 +125,8 @@ class QueueRunner:
         used = len(self.slots) - len(self._free)
         if used > self.high_water:
             self.high_water = used
+        slot.error = None
+        slot.attempts = 0
         return slot
 
     def give_back(self, slot: RequestSlot) -> None:
@@ -174,7 +180,9 @@ class QueueRunner:
             self._live = False
             if self._reaper is not None:
                 eventfd_write_holding_gil(self.call_fd)  # out of poll(), or soon
+                self._detaching = True
                 self._reaper_left.wait_for(lambda: self._reaper is None, 5.0)
+                self._detaching = False
                 self._reaper = None
             self._complete_locked()
             by_head = self._by_head
@@ -237,27 +245,24 @@ class QueueRunner:
                 return False
             old = vq.avail_idx
             vq.publish(slot.head, writable)
-            self._published_locked(slot)
+            slot.finished = False
+            slot.generation = self.generation
+            slot.seq = next(self._seq)
+            stats = self.stats
+            stats.depth += 1
+            if stats.depth > stats.max_depth:
+                stats.max_depth = stats.depth
+            if self._reaper is None:
+                self._take_role_locked(slot)
+            else:
+                slot.sleeping = slot.owes_wakeup = True
+                self._sleepers[slot] = None
             kick = self._kick
         # Releasing the lock was a full barrier: the device's event index is read after it.
         if vq.needs_kick(old, vq.avail_idx):
             self.stats.kicks += 1
             kick()
         return True
-
-    def _published_locked(self, slot: RequestSlot) -> None:
-        slot.finished = False
-        slot.generation = self.generation
-        stats = self.stats
-        stats.depth += 1
-        if stats.depth > stats.max_depth:
-            stats.max_depth = stats.depth
-        if self._reaper is None:
-            self._take_role_locked(slot)
-        else:
-            slot.sleeping = True
-            slot.owes_wakeup = True
-            self._sleepers[slot] = None
 
     def _take_role_locked(self, slot: RequestSlot) -> None:
         self._reaper = slot
@@ -298,7 +303,9 @@ class QueueRunner:
         """Finish ``slot`` with ``error`` (its session is gone) and wake its owner."""
         with self._lock:
             slot.error = error
-            self._finish_locked(slot)
+            slot.finished = True
+            if slot.sleeping:
+                self._wake_locked(slot)
 
     # --- completion ------------------------------------------------------------------------
 
@@ -384,9 +391,10 @@ class QueueRunner:
         slot.reaper = False
         if self._reaper is slot:
             self._reaper = None
-            if self._live:
+            if self._live and self._sleepers:
                 self._hand_over_locked()
-            self._reaper_left.notify_all()
+            if self._detaching:   # (a Condition's notify costs a lock attempt)
+                self._reaper_left.notify_all()
         if not slot.finished:   # a sleeper until resubmitted, failed or handed the role
             slot.sleeping = slot.owes_wakeup = True
             self._sleepers[slot] = None
@@ -402,17 +410,14 @@ class QueueRunner:
             chosen = min(self._sleepers, key=_seq)
         else:
             chosen = next(iter(self._sleepers))
-        del self._sleepers[chosen]
-        chosen.sleeping = False
         self._take_role_locked(chosen)
-        chosen.wakeup.release()
+        self._wake_locked(chosen)
 
-    def _finish_locked(self, slot: RequestSlot) -> None:
-        slot.finished = True
-        if slot.sleeping:
-            slot.sleeping = False
-            del self._sleepers[slot]
-            slot.wakeup.release()
+    def _wake_locked(self, slot: RequestSlot) -> None:
+        """Wake the sleeping owner of ``slot`` (finished, or handed the role)."""
+        slot.sleeping = False
+        del self._sleepers[slot]
+        slot.wakeup.release()
 
     def _complete_locked(self) -> str | None:
         """Complete every used entry and wake the owners (caller holds the lock).  Returns
@@ -429,14 +434,17 @@ class QueueRunner:
         for head, written in entries:
             slot = by_head[head]
             assert slot is not None  # harvest accepts only heads we published
-            slot.status = mem[slot.status_off]
+            slot.status = status = mem[slot.status_off]
             slot.written = written
-            if slot.ok:
+            if status == VIRTIO_BLK_S_OK and (slot.type != RequestType.IN
+                                              or written == slot.length + 1):
                 if slot.type != RequestType.GET_ID:
                     stats.bytes += slot.length
             else:
-                stats.errors += 1
-            self._finish_locked(slot)
+                stats.errors += 1      # slot.check() says which
+            slot.finished = True
+            if slot.sleeping:
+                self._wake_locked(slot)
         stats.depth -= len(entries)
         stats.requests += len(entries)
         if self._space_waiters:

@@ -83,12 +83,6 @@ class RequestSlot:
             raise RequestError(f"{self.describe()}: short read, the device reported "
                                f"{max(self.written - 1, 0)} of {self.length} bytes", errno.EIO)
 
-    @property
-    def ok(self) -> bool:
-        """Completed by the device with success (and, for a read, every byte written)."""
-        return (self.error is None and self.status == VIRTIO_BLK_S_OK
-                and (self.type != RequestType.IN or self.written == self.length + 1))
-
     def describe(self) -> str:
         what = REQUEST_NAMES.get(self.type, f"request type {self.type}")
         if self.length:
