@@ -21,7 +21,6 @@ from fake_ring_device import (
 from vblk_core.errors import RequestError
 from vblk_core.virtio import VirtioFeature
 
-
 # --- BlockDevice on the fake back-end: what reaches the caller's buffer -----------------------
 
 @pytest.fixture
