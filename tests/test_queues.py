@@ -377,3 +377,26 @@ def test_lone_request_spins_on_the_used_ring(env, spin):
     s.check()
     assert e.runner.stats.calls == 0
     assert e.runner.stats.spin_hits == (1 if spin else 0)
+
+
+def test_detach_survives_a_call_eventfd_the_device_filled(env):
+    """The device holds our call eventfd and may push its counter to the maximum: waking the
+    reaper at detach must not fail (a full counter wakes it anyway)."""
+    e = env()
+    s = e.put(e.slot())                     # its owner holds the reaper role, not yet waiting
+    os.eventfd_write(e.runner.call_fd, 0xFFFFFFFFFFFFFFFE)   # full: one more write would block
+    detached = {}
+    ender = threading.Thread(target=lambda: detached.setdefault("s", e.runner.detach()))
+    ender.start()
+    time.sleep(0.1)                         # detach has tried to wake the reaper by now
+    result = {}
+    owner = threading.Thread(target=lambda: result.setdefault(
+        "ok", e.runner.wait(s, time.monotonic() + 10)))
+    owner.start()                           # the owner reaps, sees the session over, leaves
+    ender.join(5)
+    assert detached == {"s": [s]} and not e.runner.reaper_busy
+    e.runner.fail(s, RequestError("session over"))
+    owner.join(5)
+    assert result == {"ok": True}
+    with pytest.raises(RequestError, match="session over"):
+        s.check()

@@ -23,15 +23,13 @@ from collections.abc import Callable, Iterator
 
 from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil, eventfd_write_holding_gil
-from .slot import STATUS_UNSET, RequestSlot
+from .slot import RequestSlot
 from .transport import Kicker, Transport
-from .virtio_blk import HEADER, SEGMENT, VIRTIO_BLK_S_OK, RequestType
-from .virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
+from .virtio_blk import VIRTIO_BLK_S_OK, RequestType
+from .virtqueue import Virtqueue
 
 log = logging.getLogger("vblk")
 
-_DATA_IN = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-_DEVICE_WRITES = (RequestType.IN, RequestType.GET_ID)
 
 LostCallback = Callable[[str, int], None]
 
@@ -154,7 +152,7 @@ class QueueRunner:
         self.vq.set_device_base(base)
         for slot in self.slots:
             slot.set_device_base(base)
-            self._write_common_chain(slot)
+            slot.write_common_chain(self.vq)
 
     def attach(self, transport: Transport, generation: int, on_lost: LostCallback) -> None:
         """Set the queue up on ``transport`` for session ``generation`` (ring at index 0);
@@ -205,40 +203,10 @@ class QueueRunner:
 
     # --- publishing ------------------------------------------------------------------------
 
-    def _write_common_chain(self, slot: RequestSlot) -> None:
-        head = slot.head
-        self.vq.write_desc(head, slot.hdr_addr, HEADER.size, VIRTQ_DESC_F_NEXT, head + 1)
-        self.vq.write_desc(head + 2, slot.status_addr, 1, VIRTQ_DESC_F_WRITE, 0)
-        slot.custom_chain = False
-
-    def _prepare(self, slot: RequestSlot) -> int:
-        """Write ``slot``'s header, status preset and chain; return its writable bytes."""
-        vq, length = self.vq, slot.length
-        mem = vq.mem
-        HEADER.pack_into(mem, slot.hdr_off, slot.type, 0, slot.sector)
-        mem[slot.status_off] = STATUS_UNSET
-        writes = slot.type in _DEVICE_WRITES
-        if slot.segment is None and length and (not self.size_max or length <= self.size_max):
-            if slot.custom_chain:
-                self._write_common_chain(slot)
-            vq.write_desc(slot.head + 1, slot.buf_addr, length,
-                          _DATA_IN if writes else VIRTQ_DESC_F_NEXT, slot.head + 2)
-            return length + 1 if writes else 1
-        chain = [(slot.hdr_addr, HEADER.size, False)]
-        if slot.segment is not None:
-            SEGMENT.pack_into(mem, slot.seg_off, *slot.segment)
-            chain.append((slot.seg_addr, SEGMENT.size, False))
-        step = self.size_max or length or 1
-        for off in range(0, length, step):
-            chain.append((slot.buf_addr + off, min(step, length - off), writes))
-        chain.append((slot.status_addr, 1, True))
-        slot.custom_chain = True
-        return vq.write_chain(slot.head, chain)
-
     def publish(self, slot: RequestSlot) -> bool:
         """Publish the request in ``slot`` (type, sector, length, segment set; data in its
         buffer) and kick the device if it asked.  False if the queue has no session now."""
-        writable = self._prepare(slot)
+        writable = slot.prepare(self.vq, self.size_max)
         vq = self.vq
         with self._lock:
             if not self._live:
@@ -284,7 +252,7 @@ class QueueRunner:
             old = vq.avail_idx
             stats = self.stats
             for slot in slots:
-                vq.publish(slot.head, self._prepare(slot))
+                vq.publish(slot.head, slot.prepare(vq, self.size_max))
                 slot.finished = False
                 slot.generation = self.generation
                 stats.depth += 1

@@ -16,7 +16,11 @@ import errno
 import threading
 
 from .errors import RequestError
-from .virtio_blk import REQUEST_NAMES, VIRTIO_BLK_S_OK, RequestType, status_error
+from .virtio_blk import HEADER, REQUEST_NAMES, SEGMENT, VIRTIO_BLK_S_OK, RequestType, status_error
+from .virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
+
+_DATA_IN = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+_DEVICE_WRITES = (RequestType.IN, RequestType.GET_ID)
 
 STATUS_UNSET = 0xFF  # preset so a device that never writes the status cannot fake success
 
@@ -71,6 +75,38 @@ class RequestSlot:
         self.seg_addr = base + self.seg_off
         self.status_addr = base + self.status_off
         self.buf_addr = base + self.buf_off
+
+    def write_common_chain(self, vq: Virtqueue) -> None:
+        """Write the descriptors every data request shares: header, (data), status."""
+        head = self.head
+        vq.write_desc(head, self.hdr_addr, HEADER.size, VIRTQ_DESC_F_NEXT, head + 1)
+        vq.write_desc(head + 2, self.status_addr, 1, VIRTQ_DESC_F_WRITE, 0)
+        self.custom_chain = False
+
+    def prepare(self, vq: Virtqueue, size_max: int) -> int:
+        """Write the request's header, the status preset and its chain into ``vq`` (whose
+        device cuts data at ``size_max`` bytes, 0: no limit); return its writable bytes.
+        The common case (data in one descriptor) rewrites only the data descriptor."""
+        mem, length = vq.mem, self.length
+        HEADER.pack_into(mem, self.hdr_off, self.type, 0, self.sector)
+        mem[self.status_off] = STATUS_UNSET
+        writes = self.type in _DEVICE_WRITES
+        if self.segment is None and length and (not size_max or length <= size_max):
+            if self.custom_chain:
+                self.write_common_chain(vq)
+            vq.write_desc(self.head + 1, self.buf_addr, length,
+                          _DATA_IN if writes else VIRTQ_DESC_F_NEXT, self.head + 2)
+            return length + 1 if writes else 1
+        chain = [(self.hdr_addr, HEADER.size, False)]
+        if self.segment is not None:
+            SEGMENT.pack_into(mem, self.seg_off, *self.segment)
+            chain.append((self.seg_addr, SEGMENT.size, False))
+        step = size_max or length or 1
+        for off in range(0, length, step):
+            chain.append((self.buf_addr + off, min(step, length - off), writes))
+        chain.append((self.status_addr, 1, True))
+        self.custom_chain = True
+        return vq.write_chain(self.head, chain)
 
     def check(self) -> None:
         """Raise the request's error, judging the status byte and the written length
