@@ -28,7 +28,6 @@ import pytest
 
 from conftest import need_module, need_program
 from dmlog import WriteLog
-from vblk_tools.harness import Nbdkit, Qsd
 from vblk_tools.verify import close_handle
 
 nbd = need_module("nbd", "python3-libnbd")
@@ -159,14 +158,12 @@ MIXES = {
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(tmp_path, mix):
+def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(qsd_factory, nbdkit_factory, mix):
     fua_share, flushing = MIXES[mix]
-    backend = Qsd(tmp_path, size=SIZE, num_queues=2, write_log=True)
-    server = Nbdkit(tmp_path, [f"socket={backend.socket}"], nbdkit_args=["-t", "4"])
+    backend = qsd_factory(size=SIZE, num_queues=2, write_log=True)
+    server = nbdkit_factory({"socket": backend.socket}, nbdkit_args=["-t", "4"])
     load = None
     try:
-        backend.start()
-        server.start()
         load = Load(server.socket, seed=int.from_bytes(os.urandom(4), "little"),
                     fua_share=fua_share, flushing=flushing).start()
         if flushing:
@@ -196,8 +193,6 @@ def test_sigkill_of_nbdkit_loses_no_flushed_or_fua_write(tmp_path, mix):
     finally:
         if load is not None:
             load.stop.set()
-        server.cleanup()
-        backend.cleanup()
     bound = load.durable_before
     assert (bound > 0) == flushing, f"flushes completed: {load.flushes_done}"
     with open(backend.image, "rb") as f:
@@ -293,63 +288,59 @@ def _write(h: Any, data: bytes, offset: int, timeout: float = 20.0) -> str | Non
     return "HANG"
 
 
-def test_disk_full_fails_writes_and_recovers_when_space_is_freed(tmp_path):
+def test_disk_full_fails_writes_and_recovers_when_space_is_freed(tmp_path, qsd_factory,
+                                                                 nbdkit_factory):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    backend = Qsd(tmp_path, image=mnt / "disk.img", num_queues=2,
-                  prefix=_small_tmpfs_prefix(mnt, "8m", SIZE))
-    server = Nbdkit(tmp_path, {"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
-    try:
-        backend.start()
-        server.start()
-        qsd_pid, nbdkit_pid = backend.pid, server.pid
-        h = server.connect()
-        rng = random.Random(11)
-        chunks: dict[int, bytes] = {}
-        failed_at = None
-        for k in range(16):
-            data = rng.randbytes(MiB)
-            t0 = time.monotonic()
-            err = _write(h, data, k * MiB)
-            took = time.monotonic() - t0
-            assert err != "HANG", f"write {k} got no reply in 20 s on a full disk"
-            if err is None:
-                chunks[k] = data
-                continue
-            assert err in ("ENOSPC", "EIO"), f"write {k} on a full disk failed with {err}"
-            assert took < 10, f"the failing write {k} took {took:.1f}s"
-            if failed_at is None:
-                failed_at = k
-        assert failed_at is not None and failed_at <= 8, "an 8 MiB disk took 16 MiB of writes"
-        assert len(chunks) >= 4, f"only {len(chunks)} MiB fitted on the 8 MiB disk"
-        # what fitted is readable, and the server still answers everything else
-        for k, data in chunks.items():
-            assert h.pread(MiB, k * MiB) == data, f"chunk {k} changed"
-        # free space: trim the first 4 MiB (a hole in the tmpfs file gives its pages back)
-        h.trim(4 * MiB, 0)
-        for k in range(4):
-            chunks.pop(k, None)
-        again = {}
-        for k in range(failed_at, failed_at + 3):
-            data = rng.randbytes(MiB)
-            err = _write(h, data, k * MiB)
-            assert err is None, f"write {k} still fails ({err}) after space was freed"
-            again[k] = data
-        chunks.update(again)
-        for k in range(4):
-            assert h.pread(MiB, k * MiB) == bytes(MiB), f"trimmed chunk {k} is not zero"
-        for k, data in chunks.items():
-            assert h.pread(MiB, k * MiB) == data, f"chunk {k} after recovery"
-        h.flush()
-        # nothing was restarted: same processes, same device session
-        assert backend.running and backend.pid == qsd_pid
-        assert server.running and server.pid == nbdkit_pid
-        close_handle(h)
-        assert server.stop().status == 0, server.log_text()[-3000:]
-        stats = server.stats()
-        assert stats is not None
-        assert stats["reconnects"] == 0 and stats["state"] == "connected", stats
-        assert stats["totals"]["errors"] >= 1, f"the device reported no failed write: {stats}"
-    finally:
-        server.cleanup()
-        backend.cleanup()
+    backend = qsd_factory(image=mnt / "disk.img", num_queues=2,
+                          prefix=_small_tmpfs_prefix(mnt, "8m", SIZE))
+    server = nbdkit_factory({"socket": backend.socket, "reconnect-timeout": 30}, stats=True)
+    qsd_pid, nbdkit_pid = backend.pid, server.pid
+    h = server.connect()
+    rng = random.Random(11)
+    chunks: dict[int, bytes] = {}
+    failed_at = None
+    for k in range(16):
+        data = rng.randbytes(MiB)
+        t0 = time.monotonic()
+        err = _write(h, data, k * MiB)
+        took = time.monotonic() - t0
+        assert err != "HANG", f"write {k} got no reply in 20 s on a full disk"
+        if err is None:
+            chunks[k] = data
+            continue
+        assert err in ("ENOSPC", "EIO"), f"write {k} on a full disk failed with {err}"
+        assert took < 10, f"the failing write {k} took {took:.1f}s"
+        if failed_at is None:
+            failed_at = k
+    assert failed_at is not None and failed_at <= 8, "an 8 MiB disk took 16 MiB of writes"
+    assert len(chunks) >= 4, f"only {len(chunks)} MiB fitted on the 8 MiB disk"
+    # what fitted is readable, and the server still answers everything else
+    for k, data in chunks.items():
+        assert h.pread(MiB, k * MiB) == data, f"chunk {k} changed"
+    # free space: trim the first 4 MiB (a hole in the tmpfs file gives its pages back)
+    h.trim(4 * MiB, 0)
+    for k in range(4):
+        chunks.pop(k, None)
+    again = {}
+    for k in range(failed_at, failed_at + 3):
+        data = rng.randbytes(MiB)
+        err = _write(h, data, k * MiB)
+        assert err is None, f"write {k} still fails ({err}) after space was freed"
+        again[k] = data
+    chunks.update(again)
+    for k in range(4):
+        assert h.pread(MiB, k * MiB) == bytes(MiB), f"trimmed chunk {k} is not zero"
+    for k, data in chunks.items():
+        assert h.pread(MiB, k * MiB) == data, f"chunk {k} after recovery"
+    h.flush()
+    # nothing was restarted: same processes, same device session
+    assert backend.running and backend.pid == qsd_pid
+    assert server.running and server.pid == nbdkit_pid
+    close_handle(h)
+    assert server.stop().status == 0, server.log_text()[-3000:]
+    stats = server.stats()
+    assert stats is not None
+    assert stats["reconnects"] == 0 and stats["state"] == "connected", stats
+    assert stats["totals"]["errors"] >= 1, f"the device reported no failed write: {stats}"
+

@@ -7,58 +7,31 @@ Both connections must carry data (a fall-back to one connection is a failure).
 Afterwards, with every server stopped, the host checks the image itself: ``e2fsck -fn`` and every
 file's bytes (``debugfs dump``) against the expected content.  The guest is built by
 tests/vm/build_guest.py (cached in tests/vm/.cache/); see tests/vm/vmrun.py for the QEMU side.
+(pyproject.toml puts tests/vm on the tests' path.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import build_guest
 import pytest
+import vmrun
 
-from vblk_tools import harness
+from conftest import need
+from vblk_plugin.qsd import QSD
+from vblk_tools.needs import QSD_PACKAGE
 from vblk_tools.patterns import first_difference
 
-REPO = Path(__file__).resolve().parent.parent
-VM_DIR = REPO / "tests" / "vm"
-PLUGIN = REPO / "plugin" / "plugin.py"
 IMAGE_SIZE = 256 << 20
 GUEST_TIMEOUT = 150  # seconds; a run takes 15-45 s here, depending on the load
 NBD_CONNECTIONS = 2  # nbd-client -C
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"vblk_vm_{name}", VM_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build_guest = _load("build_guest")
-vmrun = _load("vmrun")
-
-
-def require_tools() -> None:
-    missing = [t for t in ("qemu-system-x86_64", "qemu-storage-daemon", "nbdkit", "e2fsck",
-                           "debugfs", "dpkg", "apt-get", "modinfo", "ldd")
-               if shutil.which(t) is None]
-    for f in ("/bin/busybox", "/usr/sbin/nbd-client", "/usr/sbin/mke2fs"):
-        if not os.path.exists(f):
-            missing.append(f)
-    if not PLUGIN.exists():
-        pytest.fail(f"{PLUGIN} is missing: nothing to test")
-    if missing:
-        pytest.fail(f"the kernel NBD client test needs {', '.join(missing)}: "
-                    "run scripts/setup --vm (packages qemu-system-x86, qemu-storage-daemon's "
-                    "qemu-system-common on Debian 12 / qemu-utils on Debian 13, nbdkit, "
-                    "busybox-static, nbd-client, kmod, e2fsprogs, zstd)")
+#: what the test runs on the host besides building the guest, by package
+RUN_NEEDS = {"qemu-system-x86_64": "qemu-system-x86", QSD: QSD_PACKAGE, "nbdkit": "nbdkit",
+             "e2fsck": "e2fsprogs", "debugfs": "e2fsprogs"}
 
 
 def check_image(image: Path, seed: str, meta: dict, workdir: Path) -> list[str]:
@@ -95,20 +68,19 @@ def check_image(image: Path, seed: str, meta: dict, workdir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kernel_nbd_client_ext4(tmp_path, capsys):
-    require_tools()
+def test_kernel_nbd_client_ext4(tmp_path, capsys, qsd_factory, nbdkit_factory):
+    need({**build_guest.BUILD_NEEDS, **build_guest.CLIENT_NEEDS, **RUN_NEEDS},
+         "the kernel NBD client test", "scripts/setup --vm")
     try:
         with capsys.disabled():  # a first build downloads the kernel: show its progress live
             meta = build_guest.ensure_guest()
     except build_guest.BuildError as e:
         pytest.fail(f"could not build the test guest: {e}")
 
-    image = harness.make_image(tmp_path / "disk.img", IMAGE_SIZE)  # sparse
-    daemon = harness.Qsd(tmp_path, image=image, num_queues=2)
-    nbdkit = harness.Nbdkit(tmp_path, [f"socket={daemon.socket}"], plugin=PLUGIN)
+    daemon = qsd_factory(size=IMAGE_SIZE, num_queues=2)     # a sparse image
+    image = daemon.image
+    nbdkit = nbdkit_factory({"socket": daemon.socket})
     try:
-        daemon.start()
-        nbdkit.start()
         seed = os.urandom(4).hex()
         run = vmrun.run_guest(meta, nbdkit.socket, str(tmp_path), seed=seed,
                               conns=NBD_CONNECTIONS, timeout=GUEST_TIMEOUT)

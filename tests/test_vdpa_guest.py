@@ -15,43 +15,30 @@ export of the same qemu-storage-daemon node): bench.md, printed by the test.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import transport_checks
+import transport_guest
 
-REPO = Path(__file__).resolve().parent.parent
-VM_DIR = REPO / "tests" / "vm"
+from vblk_tools import needs
+from vblk_tools.harness import make_image
+
 QUEUES = 2
 BENCH_SECONDS = 2.0
 BENCH_ROUNDS = 2
 GUEST_TIMEOUT = 240   # hard limit; a run takes 40-60 s here
 
 
-def _load(name: str):
-    if str(VM_DIR) not in sys.path:
-        sys.path.insert(0, str(VM_DIR))   # transport_guest imports its siblings by name
-    spec = importlib.util.spec_from_file_location(name, VM_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod   # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-transport_guest = _load("transport_guest")
-transport_checks = _load("transport_checks")
-
-
 def build_guest_or_fail(capsys, what: str):
-    missing = transport_guest.missing_guest_tools()
+    """The transport guest (built if need be), or fail naming what is missing."""
+    missing = transport_guest.missing_tools()
     if missing:
-        pytest.fail(f"the {what} guest test needs: {', '.join(missing)} "
-                    "(scripts/setup --vm installs them)")
+        pytest.fail(needs.explain(f"the {what} guest test", missing, "scripts/setup --vm"),
+                    pytrace=False)
     try:
         with capsys.disabled():   # a first build downloads the kernel: show it live
             return transport_guest.ensure_guest()
@@ -62,9 +49,7 @@ def build_guest_or_fail(capsys, what: str):
 @pytest.mark.slow
 def test_vhost_vdpa_in_guest(tmp_path, capsys):
     build_guest_or_fail(capsys, "vhost-vdpa")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(transport_checks.IMAGE_SIZE)   # sparse
+    image = make_image(tmp_path / "disk.img", transport_checks.IMAGE_SIZE)   # sparse
     seed = os.urandom(4).hex()
     plan = {"scenario": "vdpa", "seed": seed, "queues": QUEUES, "serial": "vblk-image",
             "nbd_via": "vdpa", "bench_seconds": BENCH_SECONDS, "bench_rounds": BENCH_ROUNDS}

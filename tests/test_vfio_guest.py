@@ -20,8 +20,11 @@ import random
 import time
 
 import pytest
+import transport_checks
+import transport_guest
 
-from test_vdpa_guest import build_guest_or_fail, judge_run, transport_checks, transport_guest
+from test_vdpa_guest import build_guest_or_fail, judge_run
+from vblk_tools.harness import make_image
 
 QUEUES = 4
 SLOT = 4                       # the function under test: 0000:00:04.0
@@ -34,14 +37,10 @@ GUEST_TIMEOUT = 240   # hard limit; a run takes 40-70 s here
 @pytest.mark.slow
 def test_vfio_pci_in_guest(tmp_path, capsys):
     build_guest_or_fail(capsys, "vfio-pci")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(transport_checks.IMAGE_SIZE)   # sparse
+    image = make_image(tmp_path / "disk.img", transport_checks.IMAGE_SIZE)   # sparse
     # The second disk (for the vhost-vdpa / vhost-user comparison): data where the reads go.
-    bench_image = tmp_path / "bench.img"
-    with open(bench_image, "wb") as f:
-        f.write(random.Random(1).randbytes(48 << 20))
-        f.truncate(transport_checks.IMAGE_SIZE)
+    bench_image = make_image(tmp_path / "bench.img", transport_checks.IMAGE_SIZE,
+                             random.Random(1).randbytes(48 << 20))
     seed = os.urandom(4).hex()
     addr = transport_guest.Disk(str(image), SLOT, "").pci_address
     plan = {"scenario": "vfio", "seed": seed, "queues": QUEUES, "pci": addr,

@@ -105,23 +105,28 @@ def qsd_argv(image: str | os.PathLike[str], socket: str | os.PathLike[str], *,
     return argv + ["--export", _opts(export_opts)]
 
 
-def install_package(os_release: str = "", debian_version: str = "") -> str | None:
-    """The Debian package holding qemu-storage-daemon on the distribution described by the
-    texts of /etc/os-release and /etc/debian_version (None if not Debian, or unknown)."""
+def debian_major(os_release: str = "", debian_version: str = "") -> int | None:
+    """The Debian major release the texts of /etc/os-release and /etc/debian_version describe
+    (testing or unstable count as 13; None if not Debian, or unknown)."""
     fields = {}
     for line in os_release.splitlines():
         key, sep, value = line.partition("=")
         if sep:
             fields[key.strip()] = value.strip().strip('"')
-    major = None
     if fields.get("ID") == "debian" and fields.get("VERSION_ID", "").isdigit():
-        major = int(fields["VERSION_ID"])
-    elif debian_version.strip():
-        head = debian_version.strip().split(".")[0]
-        if head.isdigit():
-            major = int(head)
-        elif "/" in head:                 # testing or unstable ("trixie/sid"): newer than 12
-            major = 13
+        return int(fields["VERSION_ID"])
+    head = debian_version.strip().split(".")[0]
+    if head.isdigit():
+        return int(head)
+    if "/" in head:                 # testing or unstable ("trixie/sid"): newer than 12
+        return 13
+    return None
+
+
+def install_package(os_release: str = "", debian_version: str = "") -> str | None:
+    """The Debian package holding qemu-storage-daemon on the distribution described by the
+    texts of /etc/os-release and /etc/debian_version (None if not Debian, or unknown)."""
+    major = debian_major(os_release, debian_version)
     if major is None:
         return None
     return "qemu-system-common" if major <= 12 else "qemu-utils"
@@ -133,6 +138,11 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def host_debian() -> int | None:
+    """This machine's Debian major release (None: not Debian)."""
+    return debian_major(_read("/etc/os-release"), _read("/etc/debian_version"))
 
 
 def daemon_package() -> str | None:

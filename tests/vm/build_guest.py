@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""Build (and cache) the tiny Linux guest used to test the kernel's NBD client.
+"""The one builder of the test guests (kernel, initramfs, cached), and the guest that tests the
+kernel's NBD client (tests/test_kernel_client.py).
 
-Everything comes from the running distribution's Debian packages (Debian 12 and 13):
-  * the kernel: the versioned package that the metapackage ``linux-image-amd64`` depends on
-    (``linux-image-6.1.0-*-amd64`` on Debian 12, ``linux-image-6.12.*+deb13-amd64`` on Debian 13;
-    the name changes with every point release, so it is asked from ``apt-cache depends``), fetched
-    with ``apt-get download`` and unpacked with ``dpkg -x`` (never installed).  The uncompressed
-    ``vmlinux`` is extracted once from the bzImage ``vmlinuz`` (xz on 12, zstd on 13) so that QEMU
-    boots it directly through PVH, with no decompression under TCG;
-  * an uncompressed newc initramfs made with ``busybox cpio``: busybox-static applets, nbd-client,
-    mke2fs, the libraries ``ldd`` lists plus the loader, the kernel modules the guest needs
-    (nbd, the virtio-net chain, the ext4 chain; decompressed if the package ships ``.ko.xz``),
-    and ``tests/vm/init`` as ``/init``.
+The builder (``build``): a kernel ``.deb`` is unpacked with ``dpkg-deb -x`` (never installed);
+the uncompressed ``vmlinux`` is extracted once from the bzImage ``vmlinuz`` (xz on Debian 12,
+zstd on 13) so that QEMU boots it directly through PVH, with no decompression under TCG; the
+guest's ``populate(root, moddir, kver)`` fills a busybox root (``busybox_root``, kernel modules
+with their dependencies, decompressed: ``resolve_modules``/``copy_module``) which becomes an
+uncompressed newc initramfs (``make_cpio``, with ``busybox cpio``).  Results go to the guest's
+cache directory (git-ignored, in the checkout: tests/vm/.cache/...): ``vmlinux``,
+``initramfs.cpio`` and ``guest.json``, rebuilt when one is missing or the guest's input key
+changed; one builder at a time per cache (a lock file).  transport_guest.py's guest is built
+the same way.
 
-Results go to ``tests/vm/.cache/`` (git-ignored): ``vmlinux``, ``initramfs.cpio`` and
-``guest.json``; the kernel ``.deb`` is kept in ``.cache/debs/``.  A build is redone when a result
-is missing or when this script, the init script or a host package it copies changed.
+The kernel-client guest comes from the running distribution's packages (Debian 12 and 13): the
+kernel is the versioned package ``linux-image-amd64`` depends on (asked from ``apt-cache
+depends``: the name changes with every point release), fetched with ``apt-get download`` into
+``.cache/debs/``; the initramfs holds busybox-static's applets, nbd-client, mke2fs, the
+libraries ``ldd`` lists plus the loader, the modules the guest needs (nbd, the virtio-net chain,
+the ext4 chain) and ``tests/vm/init`` as ``/init``.  Its key: this script, the init script and
+the versions of the host packages it copies.
 
 Usage: python3 tests/vm/build_guest.py [--force] [--cache DIR]
 """
@@ -23,6 +27,8 @@ Usage: python3 tests/vm/build_guest.py [--force] [--cache DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -36,20 +42,33 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if os.path.join(REPO, "scripts") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "scripts"))   # run as a script: vblk_tools
+
+from vblk_tools import needs  # noqa: E402
+
 DEFAULT_CACHE = os.path.join(HERE, ".cache")
 INIT_SCRIPT = os.path.join(HERE, "init")
+BUSYBOX = "/bin/busybox"
+#: what any guest build runs on the host, by package
+BUILD_NEEDS = {BUSYBOX: "busybox-static", "dpkg-deb": "dpkg", "modinfo": "kmod",
+               "zstd": "zstd"}     # zstd: Debian 13's kernel image is zstd-compressed
 
 # Kernel modules to load, by name; their dependencies are added (first) automatically.
 # crc32c_generic is a crypto soft dependency of ext4/jbd2 (modinfo does not list it as a dep).
 WANTED_MODULES = ["nbd", "virtio_pci", "virtio_net", "crc32c_generic", "ext4"]
 # Host programs copied into the initramfs (with their libraries), and where they go.
 PROGRAMS = {"/usr/sbin/nbd-client": "sbin/nbd-client", "/usr/sbin/mke2fs": "sbin/mke2fs"}
-BUSYBOX = "/bin/busybox"
+#: what the kernel-client guest's build needs besides BUILD_NEEDS
+CLIENT_NEEDS = {"/usr/sbin/nbd-client": "nbd-client", "/usr/sbin/mke2fs": "e2fsprogs",
+                "ldd": "libc-bin", "apt-get": "apt", "apt-cache": "apt"}
 # Host packages whose files end up in the initramfs: their versions are part of the cache key.
 HOST_PACKAGES = ["busybox-static", "nbd-client", "e2fsprogs", "libc6"]
-FORMAT = 4  # bump when the cache layout changes
+FORMAT = 5  # bump when the cache layout changes
 
 _T0 = time.monotonic()
 
@@ -96,17 +115,6 @@ def package_version(pkg: str) -> str:
     if r.returncode != 0 or not r.stdout:
         raise BuildError(f"Debian package {pkg} is not installed: run scripts/setup --vm")
     return r.stdout.strip()
-
-
-def input_key() -> str:
-    h = hashlib.sha256()
-    h.update(f"format {FORMAT}\n".encode())
-    for path in (os.path.abspath(__file__), INIT_SCRIPT):
-        with open(path, "rb") as f:
-            h.update(f.read())
-    for pkg in HOST_PACKAGES:
-        h.update(f"{pkg}={package_version(pkg)}\n".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- kernel package
@@ -289,17 +297,16 @@ def copy_into(root: str, src: str, rel: str, mode: int | None = None) -> None:
     os.chmod(dst, mode if mode is not None else stat.S_IMODE(os.stat(src).st_mode))
 
 
-def populate_root(root: str, moddir: str, kver: str) -> dict:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "mnt", "tmp",
-              "run", "root", f"lib/modules/{kver}"):
+def busybox_root(root: str, dirs: list[str]) -> None:
+    """``dirs`` and the usual top directories under ``root``, /dev/console, and busybox with
+    one link per applet."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "tmp", *dirs):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     # The kernel opens /dev/console for /init before anything is mounted.
     try:
         os.mknod(os.path.join(root, "dev/console"), 0o600 | stat.S_IFCHR, os.makedev(5, 1))
     except PermissionError:
         log("not root: no /dev/console node in the initramfs (init reopens it after devtmpfs)")
-
-    # busybox and one link per applet
     copy_into(root, BUSYBOX, "bin/busybox", 0o755)
     applets = run([BUSYBOX, "--list-full"]).stdout.split()
     for rel in applets:
@@ -310,37 +317,6 @@ def populate_root(root: str, moddir: str, kver: str) -> dict:
         # relative, so that the link never points at a host file while the tree is built
         os.symlink(os.path.relpath(os.path.join(root, "bin/busybox"), os.path.dirname(dst)), dst)
     log(f"busybox with {len(applets)} applets")
-
-    # nbd-client, mke2fs (+ mkfs.ext4 link), their libraries and the loader
-    libs: set[str] = set()
-    for src, rel in PROGRAMS.items():
-        copy_into(root, src, rel, 0o755)
-        libs.update(ldd_libs(src))
-    link = os.path.join(root, "sbin/mkfs.ext4")
-    if os.path.lexists(link):
-        os.unlink(link)
-    os.symlink("mke2fs", link)
-    for lib in sorted(libs):
-        copy_into(root, lib, lib, 0o755)
-    if os.path.exists("/etc/mke2fs.conf"):
-        copy_into(root, "/etc/mke2fs.conf", "etc/mke2fs.conf", 0o644)
-    lib_names = " ".join(os.path.basename(lib) for lib in sorted(libs))
-    log(f"nbd-client, mke2fs and {len(libs)} libraries: {lib_names}")
-
-    # kernel modules, flat, plus their load order
-    mods = resolve_modules(moddir, WANTED_MODULES)
-    names = []
-    for src in mods:
-        name = module_name(src) + ".ko"
-        copy_module(src, os.path.join(root, f"lib/modules/{kver}", name))
-        names.append(name)
-    with open(os.path.join(root, "etc/vblk-modules"), "w") as f:
-        for name in names:
-            f.write(f"/lib/modules/{kver}/{name}\n")
-    log(f"modules in load order: {' '.join(n[:-3] for n in names)}")
-
-    copy_into(root, INIT_SCRIPT, "init", 0o755)
-    return {"modules": [n[:-3] for n in names], "libraries": sorted(libs)}
 
 
 def make_cpio(root: str, out: str) -> None:
@@ -361,23 +337,22 @@ def make_cpio(root: str, out: str) -> None:
     os.rename(tmp, out)
 
 
-# --------------------------------------------------------------------------- main entry
+# --------------------------------------------------------------------------- the builder
 
-def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False) -> dict:
-    """Return the guest's description (paths in the cache), building whatever is missing."""
+@contextlib.contextmanager
+def locked(cache: str) -> Iterator[None]:
+    """One builder at a time in ``cache`` (made if missing)."""
     os.makedirs(cache, exist_ok=True)
-    import fcntl
     with open(os.path.join(cache, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
-        return _ensure_guest(cache, force)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def cached_guest(cache: str, key: str) -> dict | None:
     """The metadata of the guest built in ``cache`` if it was built from inputs ``key`` and
     its kernel and initramfs are still there, else None."""
-    meta_path = os.path.join(cache, "guest.json")
     try:
-        with open(meta_path) as f:
+        with open(os.path.join(cache, "guest.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return None
@@ -389,36 +364,46 @@ def cached_guest(cache: str, key: str) -> dict | None:
     return None
 
 
-def _ensure_guest(cache: str, force: bool) -> dict:
-    meta_path = os.path.join(cache, "guest.json")
-    vmlinux = os.path.join(cache, "vmlinux")
-    initramfs = os.path.join(cache, "initramfs.cpio")
-    key = input_key()
+Populate = Callable[[str, str, str], dict]   # (root, moddir, kver) -> what goes into the meta
+
+
+def build(cache: str, key: str, deb: Callable[[], str], populate: Populate, *,
+          check: Callable[[str], None] | None = None, force: bool = False) -> dict:
+    """The guest in ``cache`` for inputs ``key`` (call under ``locked(cache)``): the cached one,
+    or one built from the kernel package ``deb()`` returns, its root filled by ``populate``
+    (``check(config_path)`` first judges the kernel's config).  Returns its description (paths
+    in the cache).  Raises BuildError."""
     meta = None if force else cached_guest(cache, key)
     if meta is not None:
         return meta
-
+    missing = needs.missing(BUILD_NEEDS)
+    if missing:
+        raise BuildError(needs.explain("building a test guest", missing, "scripts/setup --vm"))
+    meta_path = os.path.join(cache, "guest.json")
+    vmlinux = os.path.join(cache, "vmlinux")
+    initramfs = os.path.join(cache, "initramfs.cpio")
     t0 = time.monotonic()
     log(f"building the test guest in {cache}")
     for stale in (meta_path, initramfs):
         if os.path.exists(stale):
             os.unlink(stale)
-    deb = kernel_deb(cache)
+    package = deb()
     work = tempfile.mkdtemp(prefix="build-", dir=cache)
     try:
         kroot = os.path.join(work, "kernel")
-        log(f"unpacking {os.path.basename(deb)} with dpkg -x")
-        run(["dpkg", "-x", deb, kroot])
+        log(f"unpacking {os.path.basename(package)} with dpkg-deb -x")
+        run(["dpkg-deb", "-x", package, kroot])
         vmlinuzs = glob.glob(os.path.join(kroot, "boot", "vmlinuz-*"))
         if len(vmlinuzs) != 1:
-            raise BuildError(f"expected one vmlinuz in {deb}, found {vmlinuzs}")
+            raise BuildError(f"expected one vmlinuz in {package}, found {vmlinuzs}")
         kver = os.path.basename(vmlinuzs[0])[len("vmlinuz-"):]
+        if check is not None:
+            check(os.path.join(kroot, "boot", f"config-{kver}"))
         # Debian 13 ships the modules under usr/lib/modules (merged /usr), Debian 12 lib/modules.
         moddirs = [d for d in (os.path.join(kroot, "usr", "lib", "modules", kver),
                                os.path.join(kroot, "lib", "modules", kver)) if os.path.isdir(d)]
         if not moddirs:
-            raise BuildError(f"no modules directory for {kver} in {deb}")
-        moddir = moddirs[0]
+            raise BuildError(f"no modules directory for {kver} in {package}")
         # The guest boots the extracted ELF vmlinux through PVH, not the bzImage, because it is
         # faster on both: measured under TCG on 2 shared cores, QEMU start to /init's first
         # line, 2 x 5 runs alternating, median (range):
@@ -429,21 +414,19 @@ def _ensure_guest(cache: str, force: bool) -> dict:
         log(f"kernel {kver}: extracted the uncompressed vmlinux from the {compression} bzImage "
             "(for a PVH boot)")
         root = os.path.join(work, "root")
-        info = populate_root(root, moddir, kver)
+        info = populate(root, moddirs[0], kver)
         log("writing the newc initramfs with busybox cpio")
         make_cpio(root, initramfs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
     meta = {
         "key": key,
-        "kernel_package": os.path.basename(deb),
+        "kernel_package": os.path.basename(package),
         "kernel_version": kver,
         "kernel_compression": compression,
         "vmlinux": vmlinux,
         "initramfs": initramfs,
         "initramfs_size": os.path.getsize(initramfs),
-        "busybox_sha256": sha256_file(BUSYBOX),
         "build_seconds": round(time.monotonic() - t0, 1),
         **info,
     }
@@ -451,8 +434,67 @@ def _ensure_guest(cache: str, force: bool) -> dict:
         json.dump(meta, f, indent=1)
     os.rename(meta_path + ".tmp", meta_path)
     log(f"guest ready in {meta['build_seconds']} s: vmlinux {os.path.getsize(vmlinux) >> 20} MiB, "
-        f"initramfs {meta['initramfs_size'] >> 20} MiB")
+        f"initramfs {meta['initramfs_size'] >> 10} KiB")
     return meta
+
+
+# --------------------------------------------------------------------------- the kernel client
+
+def input_key() -> str:
+    h = hashlib.sha256()
+    h.update(f"format {FORMAT}\n".encode())
+    for path in (os.path.abspath(__file__), INIT_SCRIPT):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    for pkg in HOST_PACKAGES:
+        h.update(f"{pkg}={package_version(pkg)}\n".encode())
+    return h.hexdigest()
+
+
+def populate_root(root: str, moddir: str, kver: str) -> dict:
+    """busybox, nbd-client and mke2fs with their libraries, the modules (flat, and their load
+    order in /etc/vblk-modules) and /init."""
+    busybox_root(root, ["mnt", "run", "root", f"lib/modules/{kver}"])
+    # nbd-client, mke2fs (+ mkfs.ext4 link), their libraries and the loader
+    libs: set[str] = set()
+    for src, rel in PROGRAMS.items():
+        copy_into(root, src, rel, 0o755)
+        libs.update(ldd_libs(src))
+    link = os.path.join(root, "sbin/mkfs.ext4")
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink("mke2fs", link)
+    for lib in sorted(libs):
+        copy_into(root, lib, lib, 0o755)
+    if os.path.exists("/etc/mke2fs.conf"):
+        copy_into(root, "/etc/mke2fs.conf", "etc/mke2fs.conf", 0o644)
+    lib_names = " ".join(os.path.basename(lib) for lib in sorted(libs))
+    log(f"nbd-client, mke2fs and {len(libs)} libraries: {lib_names}")
+
+    # kernel modules, flat, plus their load order
+    names = []
+    for src in resolve_modules(moddir, WANTED_MODULES):
+        name = module_name(src) + ".ko"
+        copy_module(src, os.path.join(root, f"lib/modules/{kver}", name))
+        names.append(name)
+    with open(os.path.join(root, "etc/vblk-modules"), "w") as f:
+        for name in names:
+            f.write(f"/lib/modules/{kver}/{name}\n")
+    log(f"modules in load order: {' '.join(n[:-3] for n in names)}")
+
+    copy_into(root, INIT_SCRIPT, "init", 0o755)
+    return {"modules": [n[:-3] for n in names], "libraries": sorted(libs),
+            "busybox_sha256": sha256_file(BUSYBOX)}
+
+
+def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False) -> dict:
+    """The kernel-client guest's description (paths in the cache), building whatever is
+    missing.  Raises BuildError saying what is missing and which package provides it."""
+    missing = needs.missing(CLIENT_NEEDS)
+    if missing:
+        raise BuildError(needs.explain("the kernel-client guest", missing, "scripts/setup --vm"))
+    with locked(cache):
+        return build(cache, input_key(), lambda: kernel_deb(cache), populate_root, force=force)
 
 
 def main() -> int:

@@ -1,26 +1,26 @@
 #!/usr/bin/env python3
-"""Build (and cache) the guest that drives vblk's vhost-vdpa and vfio-pci transports against real
-devices, and boot it.  One builder for tests/test_vdpa_guest.py and tests/test_vfio_guest.py.
+"""The guest that drives vblk's vhost-vdpa and vfio-pci transports against real devices, built
+with build_guest.py's builder and booted with vmrun.py's; one guest for tests/test_vdpa_guest.py
+and tests/test_vfio_guest.py.
 
 The guest is a Debian 13 kernel (6.12: it has VDPA, VDUSE, VHOST_VDPA, VFIO and 9p as modules;
 Debian 12's 6.1 has no vDPA) and a small busybox initramfs holding only the kernel modules.  Its
 /init (tests/vm/transport_init) loads the modules, mounts the HOST's root read-only over virtio-9p
-and chroots into it, so python3, nbdkit, qemu-storage-daemon, libnbd, nbdcopy and the repository
-itself come from the host, unchanged.  A second, writable 9p share (a host directory) carries the
-plan in and the results out; images are QEMU -drive disks, so the host checks them itself after
-QEMU has exited.
+and chroots into it, so python3, nbdkit, qemu-storage-daemon, libnbd and nbdcopy come from the
+host, unchanged.  The checkout is a 9p share of its own, read-only, at GUEST_REPO in the chroot
+(wherever it lives on the host: the chroot's /tmp, /run and /dev/shm are the guest's own tmpfs),
+and a writable share (a host directory) carries the plan in and the results out; images are
+QEMU -drive disks, so the host checks them itself after QEMU has exited.
 
 The kernel: linux-image-amd64's dependency in the *trixie* Packages index of the host's Debian
 mirror (on a Debian 12 host apt has no trixie source): the index is authenticated through the
 suite's InRelease (gpgv, debian-archive-keyring), the .deb through the index's SHA256, downloaded
-with urllib into tests/vm/.cache/transport/debs/ (git-ignored), unpacked with ``dpkg-deb -x``,
-never installed.  On Debian 13 and later the host's own linux-image-amd64 dependency is
-``apt-get download``ed instead.  The kernel-extraction and module helpers are build_guest.py's.
+with urllib into tests/vm/.cache/transport/debs/ (git-ignored).  On Debian 13 and later the
+host's own linux-image-amd64 dependency is ``apt-get download``ed instead (build_guest.py's).
 
-Results in tests/vm/.cache/transport/: vmlinux (booted through PVH: faster than the bzImage
-under TCG), initramfs.cpio, guest.json.  Rebuilt when missing or when the init script, the module
-list, busybox or FORMAT changed; the cached .deb is reused offline (``--refresh`` looks the
-current one up again).
+Results in tests/vm/.cache/transport/: vmlinux, initramfs.cpio, guest.json.  Rebuilt when
+missing or when the init script, the module list, busybox or FORMAT changed; the cached .deb is
+reused offline (``--refresh`` looks the current one up again).
 
     python3 tests/vm/transport_guest.py [--force] [--refresh]     build, print guest.json
     python3 tests/vm/transport_guest.py --boot [N]                 build, boot N times, timings
@@ -35,9 +35,7 @@ import json
 import lzma
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,22 +45,27 @@ import urllib.request
 from collections.abc import Callable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import build_guest  # noqa: E402  (tests/vm/build_guest.py: kernel and module helpers)
-from build_guest import BuildError  # noqa: E402
+import build_guest  # noqa: E402  (tests/vm/build_guest.py: the builder)
+import transport_checks  # noqa: E402  (what the guest runs, and the data model)
+import vmrun  # noqa: E402  (tests/vm/vmrun.py: booting a guest)
+from build_guest import BuildError, log  # noqa: E402
+
+from vblk_plugin.qsd import QSD, host_debian  # noqa: E402  (on the path: vblk_tools put it)
+from vblk_tools import needs  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(HERE, ".cache", "transport")
 INIT_SCRIPT = os.path.join(HERE, "transport_init")
-CHECKS_SCRIPT = os.path.join(HERE, "transport_checks.py")
-BUSYBOX = "/bin/busybox"
+#: where the guest sees the checkout (transport_init mounts the 9p share "repo" there)
+GUEST_REPO = "/tmp/repo"
+CHECKS_SCRIPT = f"{GUEST_REPO}/tests/vm/transport_checks.py"
 SUITE = "trixie"           # the Debian suite whose kernel has vDPA (Debian 12's 6.1 has none)
 KERNEL_META = "linux-image-amd64"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-FORMAT = 3  # bump when the build changes in a way the cache key does not see
+FORMAT = 4  # bump when the build changes in a way the cache key does not see
 
 # Module groups the init can load (vblk.modules=9p,blk,vdpa); dependencies come first
 # (modinfo), a module already loaded by an earlier group is skipped in the guest.
@@ -81,51 +84,25 @@ REQUIRED_CONFIG = {
     "CONFIG_NET_9P_VIRTIO": "m", "CONFIG_9P_FS": "m", "CONFIG_VIRTIO_BLK": "m",
     "CONFIG_PVH": "y",
 }
-RESULT_RE = re.compile(r"VBLK-GUEST-RESULT: (OK|FAIL)\b ?(.*)")
-INIT_STARTED = re.compile(r"vblk-guest \[[0-9.]+\] init started")
-
-_T0 = time.monotonic()
-
-
-def log(msg: str) -> None:
-    print(f"[transport_guest {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
 
 # ----------------------------------------------------------------------------- host checks
 
-# program (or file) -> the Debian package that provides it
-HOST_NEEDS = {
-    "qemu-system-x86_64": "qemu-system-x86",
-    "busybox": "busybox-static",
-    "modinfo": "kmod",
-    "dpkg-deb": "dpkg",
-    "zstd": "zstd",   # Debian 13's kernel image is zstd-compressed
-}
+#: what the guest needs of the host beyond the builder's: QEMU to boot it
+HOST_NEEDS = {"qemu-system-x86_64": "qemu-system-x86"}
 # Only for fetching the kernel from the archive (Debian 12 hosts): the index's signature.
 ARCHIVE_NEEDS = {"gpgv": "gpgv", KEYRING: "debian-archive-keyring"}
+#: what the guest runs from the host's root (through the 9p share), by package
+GUEST_NEEDS = {"/usr/bin/python3": "python3", "nbdkit": "nbdkit", "nbdcopy": "libnbd-bin",
+               QSD: needs.QSD_PACKAGE, "vdpa": "iproute2",
+               "/usr/lib/python3/dist-packages/nbd.py": "python3-libnbd",
+               "/usr/lib/*/nbdkit/plugins/nbdkit-python-plugin.so": "nbdkit-plugin-python"}
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def missing_host_parts(extra: dict[str, str] | None = None) -> list[str]:
-    """'name (package P)' for every program or file in HOST_NEEDS + extra that is missing."""
-    missing = []
-    for what, pkg in {**HOST_NEEDS, **(extra or {})}.items():
-        found = os.path.exists(what) if what.startswith("/") else shutil.which(what)
-        if not found:
-            missing.append(f"{what} (package {pkg})")
-    return missing
-
-
-def os_release() -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        with open("/etc/os-release") as f:
-            for line in f:
-                k, sep, v = line.strip().partition("=")
-                if sep:
-                    out[k] = v.strip('"')
-    except OSError:
-        pass
-    return out
+def missing_tools() -> list[str]:
+    """What booting and running the guest needs and is not there, with the package of each."""
+    return (needs.missing({**build_guest.BUILD_NEEDS, **HOST_NEEDS})
+            + needs.missing(GUEST_NEEDS, path=GUEST_PATH))
 
 
 # ----------------------------------------------------------------------------- kernel package
@@ -222,10 +199,10 @@ def archive_kernel_deb(debdir: str, refresh: bool) -> str:
     if have and not refresh:
         log(f"kernel package (cached): {os.path.basename(have[-1])}")
         return have[-1]
-    missing = [f"{what} (package {pkg})" for what, pkg in ARCHIVE_NEEDS.items()
-               if not (os.path.exists(what) if what.startswith("/") else shutil.which(what))]
+    missing = needs.missing(ARCHIVE_NEEDS)
     if missing:
-        raise BuildError(f"to fetch the {SUITE} kernel this needs {', '.join(missing)}")
+        raise BuildError(needs.explain(f"fetching the {SUITE} kernel", missing,
+                                       "scripts/setup --vm"))
     mirror = host_mirror()
     log(f"looking up {KERNEL_META} in {mirror} {SUITE}")
     work = tempfile.mkdtemp(prefix="index-", dir=debdir)
@@ -260,7 +237,7 @@ def archive_kernel_deb(debdir: str, refresh: bool) -> str:
 def kernel_deb(cache: str, refresh: bool = False) -> str:
     debdir = os.path.join(cache, "debs")
     os.makedirs(debdir, exist_ok=True)
-    if os_release().get("VERSION_ID") == "12":
+    if (host_debian() or 13) <= 12:
         return archive_kernel_deb(debdir, refresh)
     # Debian 13 and later: the host's own kernel package has vDPA (checked after unpacking); the
     # default cache shares the .deb with build_guest.py's guest (tests/vm/.cache/debs).
@@ -286,24 +263,14 @@ def input_key(deb: str) -> str:
     h.update(json.dumps(MODULE_GROUPS, sort_keys=True).encode())
     with open(INIT_SCRIPT, "rb") as f:
         h.update(f.read())
-    h.update(build_guest.sha256_file(BUSYBOX).encode())
+    h.update(build_guest.sha256_file(build_guest.BUSYBOX).encode())
     return h.hexdigest()
 
 
-def populate_root(root: str, moddir: str, kver: str) -> dict[str, list[str]]:
-    """busybox (static) with its applet links, the modules of every group (decompressed, flat),
-    /etc/vblk-modules/GROUP (load order) and /init."""
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/vblk-modules", "dev", "proc", "sys",
-              "host", "tmp", f"lib/modules/{kver}"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    build_guest.copy_into(root, BUSYBOX, "bin/busybox", 0o755)
-    applets = build_guest.run([BUSYBOX, "--list-full"]).stdout.split()
-    for rel in applets:
-        dst = os.path.join(root, rel)
-        if not os.path.lexists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.path.relpath(os.path.join(root, "bin/busybox"),
-                                       os.path.dirname(dst)), dst)
+def populate_root(root: str, moddir: str, kver: str) -> dict:
+    """busybox with its applet links, the modules of every group (decompressed, flat),
+    /etc/vblk-modules/GROUP (load order), /etc/vblk-kver and /init."""
+    build_guest.busybox_root(root, ["etc/vblk-modules", "host", f"lib/modules/{kver}"])
     groups: dict[str, list[str]] = {}
     copied: set[str] = set()
     for group, wanted in MODULE_GROUPS.items():
@@ -321,75 +288,20 @@ def populate_root(root: str, moddir: str, kver: str) -> dict[str, list[str]]:
     with open(os.path.join(root, "etc/vblk-kver"), "w") as f:
         f.write(kver + "\n")
     build_guest.copy_into(root, INIT_SCRIPT, "init", 0o755)
-    return groups
+    return {"module_groups": groups}
 
 
 def ensure_guest(cache: str = DEFAULT_CACHE, force: bool = False,
                  refresh: bool = False) -> dict:
     """The guest's description (paths in the cache), building whatever is missing.  Raises
     BuildError saying what is missing and which package provides it."""
-    missing = missing_host_parts()
+    missing = needs.missing(build_guest.BUILD_NEEDS)
     if missing:
-        raise BuildError(f"missing on the host: {', '.join(missing)} (scripts/setup --vm)")
-    os.makedirs(cache, exist_ok=True)
-    import fcntl
-    with open(os.path.join(cache, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # one builder at a time
-        return _ensure_guest(cache, force, refresh)
-
-
-def _ensure_guest(cache: str, force: bool, refresh: bool) -> dict:
-    meta_path = os.path.join(cache, "guest.json")
-    vmlinux = os.path.join(cache, "vmlinux")
-    initramfs = os.path.join(cache, "initramfs.cpio")
-    deb = kernel_deb(cache, refresh)
-    key = input_key(deb)
-    cached = None if force else build_guest.cached_guest(cache, key)
-    if cached is not None:
-        return cached
-    t0 = time.monotonic()
-    log(f"building the transport guest in {cache}")
-    for path in (meta_path, initramfs):
-        if os.path.exists(path):
-            os.unlink(path)
-    work = tempfile.mkdtemp(prefix="build-", dir=cache)
-    try:
-        kroot = os.path.join(work, "kernel")
-        log(f"unpacking {os.path.basename(deb)} with dpkg-deb -x")
-        build_guest.run(["dpkg-deb", "-x", deb, kroot])
-        vmlinuzs = glob.glob(os.path.join(kroot, "boot", "vmlinuz-*"))
-        if len(vmlinuzs) != 1:
-            raise BuildError(f"expected one vmlinuz in {deb}, found {vmlinuzs}")
-        kver = os.path.basename(vmlinuzs[0])[len("vmlinuz-"):]
-        check_kernel_config(os.path.join(kroot, "boot", f"config-{kver}"))
-        moddirs = [d for d in (os.path.join(kroot, "usr", "lib", "modules", kver),
-                               os.path.join(kroot, "lib", "modules", kver)) if os.path.isdir(d)]
-        if not moddirs:
-            raise BuildError(f"no modules directory for {kver} in {deb}")
-        compression = build_guest.extract_vmlinux(vmlinuzs[0], vmlinux)
-        log(f"kernel {kver}: vmlinux extracted from the {compression} bzImage (PVH boot)")
-        root = os.path.join(work, "root")
-        groups = populate_root(root, moddirs[0], kver)
-        build_guest.make_cpio(root, initramfs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    meta = {
-        "key": key,
-        "kernel_package": os.path.basename(deb),
-        "kernel_version": kver,
-        "kernel_compression": compression,
-        "vmlinux": vmlinux,
-        "initramfs": initramfs,
-        "initramfs_size": os.path.getsize(initramfs),
-        "module_groups": groups,
-        "build_seconds": round(time.monotonic() - t0, 1),
-    }
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.rename(meta_path + ".tmp", meta_path)
-    log(f"guest ready in {meta['build_seconds']} s: vmlinux {os.path.getsize(vmlinux) >> 20} MiB,"
-        f" initramfs {meta['initramfs_size'] >> 10} KiB")
-    return meta
+        raise BuildError(needs.explain("the transport guest", missing, "scripts/setup --vm"))
+    with build_guest.locked(cache):
+        deb = kernel_deb(cache, refresh)
+        return build_guest.build(cache, input_key(deb), lambda: deb, populate_root,
+                                 check=check_kernel_config, force=force)
 
 
 # ----------------------------------------------------------------------------- running QEMU
@@ -408,41 +320,19 @@ class Disk:
         return f"0000:00:{self.slot:02x}.0"
 
 
-@dataclasses.dataclass
-class GuestRun:
-    ok: bool                    # the guest printed "VBLK-GUEST-RESULT: OK"
-    result_line: str | None
-    details: str
-    console: str
-    returncode: int | None      # QEMU's exit status (None: killed on timeout)
-    timed_out: bool
-    seconds: float              # QEMU start to exit
-    boot_seconds: float | None  # QEMU start to the init's first line
-
-    def explain(self, lines: int = 60) -> str:
-        tail = "\n".join(self.console.splitlines()[-lines:])
-        return (f"result={self.result_line!r} qemu_rc={self.returncode} "
-                f"timed_out={self.timed_out} after {self.seconds:.1f}s\n"
-                f"--- last console lines ---\n{tail}")
-
-
-def _opt(value: str) -> str:
-    """Escape a value for a QEMU comma-separated option list."""
-    return value.replace(",", ",,")
-
-
-SHARE_SLOT, ROOT_SLOT = 2, 3
+SHARE_SLOT, ROOT_SLOT, REPO_SLOT = 2, 3, 6     # (the tests put their disks at 4 and 5)
 
 
 def qemu_command(meta: dict, share: str, *, modules: list[str], run: str = "",
                  disks: Sequence[Disk] = (), iommu: bool = False, memory_mb: int = 1024,
                  smp: int = 1, append: Sequence[str] = ()) -> list[str]:
-    """QEMU (TCG) booting the guest: host root read-only at 9p tag hostroot, ``share`` writable
-    at tag share, the disks, and with ``iommu`` a q35 machine with an intel-iommu (interrupt
-    remapping, caching mode: what vfio in the guest needs) placed before every PCI device."""
-    for p in (share, run, *(d.path for d in disks)):
-        if re.search(r"\s", p):
-            raise ValueError(f"path with white space cannot go on the kernel command line: {p!r}")
+    """QEMU (TCG) booting the guest: host root read-only at 9p tag hostroot, the checkout
+    read-only at tag repo, ``share`` writable at tag share, the disks, and with ``iommu`` a q35
+    machine with an intel-iommu (interrupt remapping, caching mode: what vfio in the guest
+    needs) placed before every PCI device.  ``run`` is a path in the guest (GUEST_REPO/...).
+    Raises ValueError for a ``run`` the kernel command line cannot carry."""
+    if re.search(r"\s", run):
+        raise ValueError(f"path with white space cannot go on the kernel command line: {run!r}")
     # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail
     # ("IO-APIC + timer doesn't work!", a panic at 0.05 s): seen once in a few dozen boots.
     # cryptomgr.notests: the crypto self-tests cost ~1 s of the ~4 s to /init under TCG
@@ -456,19 +346,22 @@ def qemu_command(meta: dict, share: str, *, modules: list[str], run: str = "",
     if iommu:
         cmdline.append("intel_iommu=on")
     cmdline += list(append)
+    opt = vmrun.qemu_opt
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", str(smp),
            "-nodefaults", "-nographic", "-no-reboot", "-serial", "stdio", "-monitor", "none",
            "-machine", "q35" if iommu else "pc",
-           "-kernel", _opt(meta["vmlinux"]), "-initrd", _opt(meta["initramfs"]),
+           "-kernel", opt(meta["vmlinux"]), "-initrd", opt(meta["initramfs"]),
            "-append", " ".join(cmdline)]
     if iommu:
         cmd += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
-    cmd += ["-fsdev", "local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap",
-            "-device", f"virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr={ROOT_SLOT:#x}",
-            "-fsdev", f"local,id=fsshare,path={_opt(share)},security_model=none,multidevs=remap",
-            "-device", f"virtio-9p-pci,fsdev=fsshare,mount_tag=share,addr={SHARE_SLOT:#x}"]
+    for tag, path, slot, mode in (("hostroot", "/", ROOT_SLOT, ",readonly=on"),
+                                  ("repo", build_guest.REPO, REPO_SLOT, ",readonly=on"),
+                                  ("share", share, SHARE_SLOT, "")):
+        cmd += ["-fsdev", f"local,id=fs{tag},path={opt(path)},security_model=none{mode},"
+                          "multidevs=remap",
+                "-device", f"virtio-9p-pci,fsdev=fs{tag},mount_tag={tag},addr={slot:#x}"]
     for i, d in enumerate(disks):
-        cmd += ["-drive", f"file={_opt(d.path)},if=none,id=d{i},format=raw,discard=unmap",
+        cmd += ["-drive", f"file={opt(d.path)},if=none,id=d{i},format=raw,discard=unmap",
                 "-device", f"virtio-blk-pci,drive=d{i},serial={d.serial},addr={d.slot:#x},"
                            f"num-queues={d.num_queues},disable-legacy=on"
                            + (",iommu_platform=on" if d.iommu_platform else "")]
@@ -478,89 +371,19 @@ def qemu_command(meta: dict, share: str, *, modules: list[str], run: str = "",
 def run_guest(meta: dict, share: str, *, modules: list[str], run: str = "",
               disks: Sequence[Disk] = (), iommu: bool = False, timeout: float = 150.0,
               smp: int = 1, memory_mb: int = 1024,
-              progress: Callable[[str], None] | None = None) -> GuestRun:
-    """Boot the guest once and wait for it to power off; QEMU is killed (by PID) on timeout.
-    Every console line goes to share/../console.log-free ``progress`` as it arrives."""
+              progress: Callable[[str], None] | None = None) -> vmrun.GuestRun:
+    """Boot the guest once and wait for it to power off (vmrun.boot: QEMU is killed by PID on
+    timeout); every console line goes to ``progress`` as it arrives."""
     cmd = qemu_command(meta, share, modules=modules, run=run, disks=disks, iommu=iommu,
                        smp=smp, memory_mb=memory_mb)
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    boot: float | None = None
-    timed_out = False
-    chunks: list[bytes] = []
-    partial = b""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    eof = False
-    try:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                eof = True   # QEMU closed the console: it is exiting
-                break
-            chunks.append(data)
-            partial += data
-            *lines, partial = partial.split(b"\n")
-            for raw in lines:
-                line = raw.decode("utf-8", "replace").rstrip("\r")
-                if boot is None and INIT_STARTED.search(line):
-                    boot = time.monotonic() - t0
-                if progress:
-                    progress(f"[{time.monotonic() - t0:5.1f}s] {line}")
-    finally:
-        if proc.poll() is None and not eof:   # timed out, or interrupted
-            proc.send_signal(signal.SIGKILL)   # QEMU, by PID
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-    seconds = time.monotonic() - t0
-    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
-    result: str | None = None
-    ok, details = False, ""
-    for m in RESULT_RE.finditer(text):
-        result, ok, details = m.group(0).strip(), m.group(1) == "OK", m.group(2).strip()
-    return GuestRun(ok=ok, result_line=result, details=details, console=text,
-                    returncode=None if timed_out else proc.returncode, timed_out=timed_out,
-                    seconds=seconds, boot_seconds=boot)
+    return vmrun.boot(cmd, timeout=timeout, progress=progress)
 
 
 # ----------------------------------------------------------------------------- scenarios
 
-def qsd_package() -> str:
-    return "qemu-system-common" if os_release().get("VERSION_ID") == "12" else "qemu-utils"
-
-
-def missing_guest_tools() -> list[str]:
-    """What the guest runs from the host's root (through the 9p share) and is not there, with
-    the package to install."""
-    needs = {"/usr/bin/python3": "python3", "nbdkit": "nbdkit", "nbdcopy": "libnbd-bin",
-             "qemu-storage-daemon": qsd_package(), "vdpa": "iproute2",
-             "/usr/lib/python3/dist-packages/nbd.py": "python3-libnbd"}
-    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    missing = [f"{what} (package {pkg})" for what, pkg in needs.items()
-               if not (os.path.exists(what) if what.startswith("/")
-                       else shutil.which(what, path=path))]
-    if not glob.glob("/usr/lib/*/nbdkit/plugins/nbdkit-python-plugin.so"):
-        missing.append("nbdkit's python plugin (package nbdkit-plugin-python)")
-    return missing + missing_host_parts()
-
-
 @dataclasses.dataclass
 class ScenarioRun:
-    run: GuestRun
+    run: vmrun.GuestRun
     results: dict         # the guest's results.json ({} if it wrote none)
     share: str            # the writable share: plan.json, results.json, bench.md, out.img, logs/
 
@@ -579,7 +402,6 @@ def run_scenario(workdir: str, plan: dict, *, disks: Sequence[Disk], modules: li
                  progress: Callable[[str], None] | None = None) -> ScenarioRun:
     """Write the plan (and the file nbdcopy copies in) to a fresh share under workdir, boot the
     guest on transport_checks.py, return what it reported."""
-    import transport_checks  # type: ignore[import-not-found,unused-ignore]  # (a sibling)
     share = os.path.join(workdir, "share")
     os.makedirs(share, exist_ok=True)
     with open(os.path.join(share, "plan.json"), "w") as f:
@@ -601,7 +423,6 @@ def host_checks(workdir: str, image: str, sr: ScenarioRun, seed: str, queues: in
     """With QEMU gone: the image and nbdcopy's copy of the export (share/out.img) against
     transport_checks' model, byte for byte; holes where trims and zeroes deallocated (if the
     host file system makes holes); the stats file's queues.  Returns the problems found."""
-    import transport_checks  # type: ignore[import-not-found,unused-ignore]  # (a sibling)
     res = sr.results
     problems = []
     t = time.monotonic()

@@ -1,9 +1,13 @@
-"""Boot the vblk test guest (see build_guest.py and init) against an NBD server's unix socket.
+"""Boot a test guest under QEMU and read what it reports: ``boot()`` and ``GuestRun``, for both
+guests (build_guest.py's kernel-client guest here, transport_guest.py's).  A guest's init prints
+one result line on its serial console, ``VBLK-GUEST-RESULT: OK <details>`` or ``... FAIL <why>``,
+and powers off; QEMU is killed (by PID) if it has not exited within the timeout.
 
-The guest reaches the server only through QEMU itself: user-mode networking with ``restrict=on``
-(the guest can reach nothing outside QEMU) and a ``guestfwd`` rule that makes QEMU run
-``bridge.py`` for every TCP connection the guest opens to GUEST_ADDR:GUEST_PORT; the bridge relays
-it to the server's unix socket.  No TCP port is opened on the host.
+The kernel-client guest (build_guest.py, tests/vm/init) reaches an NBD server only through QEMU
+itself: user-mode networking with ``restrict=on`` (the guest can reach nothing outside QEMU) and
+a ``guestfwd`` rule that makes QEMU run ``bridge.py`` for every TCP connection the guest opens
+to GUEST_ADDR:GUEST_PORT; the bridge relays it to the server's unix socket.  No TCP port is
+opened on the host.
 
 Also usable by hand, against an NBD server already listening on a unix socket:
     python3 tests/vm/vmrun.py NBD_SOCKET [--conns 2] [--keep DIR]
@@ -16,17 +20,105 @@ import hashlib
 import os
 import re
 import secrets
+import select
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BRIDGE = os.path.join(HERE, "bridge.py")
 GUEST_ADDR = "10.0.2.100"  # inside QEMU's user network (10.0.2.0/24), served by guestfwd only
 GUEST_PORT = 10809
-RESULT_RE = re.compile(r"VBLK-VM-RESULT: (OK|FAIL)\b ?(.*)")
+RESULT_RE = re.compile(r"VBLK-GUEST-RESULT: (OK|FAIL)\b ?(.*)")
+INIT_STARTED = re.compile(r"vblk-guest \[[0-9.]+\] init started")
+
+
+# ----------------------------------------------------------------------------- running QEMU
+
+@dataclasses.dataclass
+class GuestRun:
+    ok: bool                    # the guest printed "VBLK-GUEST-RESULT: OK"
+    result_line: str | None     # the whole result line, or None if none was printed
+    details: str
+    console: str                # everything the guest printed on its serial console
+    returncode: int | None      # QEMU's exit status (None: killed on timeout)
+    timed_out: bool
+    seconds: float              # QEMU start to exit
+    boot_seconds: float | None  # QEMU start to the init's "init started" line
+    connections: list[dict] = dataclasses.field(default_factory=list)  # the bridge's, if any
+
+    def explain(self, lines: int = 60) -> str:
+        tail = "\n".join(self.console.splitlines()[-lines:])
+        bridge = f"; bridge connections={self.connections}" if self.connections else ""
+        return (f"result={self.result_line!r} qemu_rc={self.returncode} "
+                f"timed_out={self.timed_out} after {self.seconds:.1f}s{bridge}\n"
+                f"--- last console lines ---\n{tail}")
+
+
+def qemu_opt(value: str) -> str:
+    """Escape a value for a QEMU comma-separated option list."""
+    return value.replace(",", ",,")
+
+
+def boot(cmd: Sequence[str], *, timeout: float,
+         progress: Callable[[str], None] | None = None) -> GuestRun:
+    """Run QEMU (``cmd``) until it exits; every console line goes to ``progress`` as it
+    arrives.  QEMU is killed (by PID) on timeout or interruption; always returns."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    boot_seconds: float | None = None
+    timed_out = eof = False
+    chunks: list[bytes] = []
+    partial = b""
+    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                eof = True   # QEMU closed the console: it is exiting
+                break
+            chunks.append(data)
+            partial += data
+            *lines, partial = partial.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                if boot_seconds is None and INIT_STARTED.search(line):
+                    boot_seconds = time.monotonic() - t0
+                if progress:
+                    progress(f"[{time.monotonic() - t0:5.1f}s] {line}")
+    finally:
+        if proc.poll() is None and not eof:   # timed out, or interrupted
+            proc.send_signal(signal.SIGKILL)   # QEMU, by PID
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    result: str | None = None
+    ok, details = False, ""
+    for m in RESULT_RE.finditer(text):
+        result, ok, details = m.group(0).strip(), m.group(1) == "OK", m.group(2).strip()
+    return GuestRun(ok=ok, result_line=result, details=details, console=text,
+                    returncode=None if timed_out else proc.returncode, timed_out=timed_out,
+                    seconds=time.monotonic() - t0, boot_seconds=boot_seconds)
+
 
 # ----------------------------------------------------------------------------- content recipe
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
@@ -66,37 +158,14 @@ def files_param(seed: str, files) -> str:
     return ",".join(parts)
 
 
-# ----------------------------------------------------------------------------- running QEMU
-@dataclasses.dataclass
-class GuestRun:
-    ok: bool                 # the guest printed "VBLK-VM-RESULT: OK"
-    result_line: str | None  # the whole result line, or None if none was printed
-    details: str
-    console: str             # everything the guest printed on its serial console
-    returncode: int | None   # QEMU's exit status (None: killed on timeout)
-    timed_out: bool
-    seconds: float
-    connections: list[dict]  # one per guest TCP connection the bridge carried
-
-    def explain(self) -> str:
-        tail = "\n".join(self.console.splitlines()[-40:])
-        return (f"result={self.result_line!r} qemu_rc={self.returncode} timed_out={self.timed_out} "
-                f"after {self.seconds:.1f}s; bridge connections={self.connections}\n"
-                f"--- last console lines ---\n{tail}")
-
-
-def _opt(value: str) -> str:
-    """Escape a value for a QEMU comma-separated option list."""
-    return value.replace(",", ",,")
-
+# ----------------------------------------------------------------------------- the kernel client
 
 def qemu_command(meta: dict, nbd_socket: str, bridge_log: str, seed: str, files,
                  conns: int = 2, memory_mb: int = 256) -> list[str]:
-    for p in (nbd_socket, bridge_log, BRIDGE, sys.executable):
-        if " " in p:
-            raise ValueError(f"path with a space cannot go into guestfwd's cmd: {p!r}")
-    # -I -S: isolated, no site import: starts fast and ignores the environment.
-    bridge_cmd = f"{sys.executable} -I -S {BRIDGE} {nbd_socket} {bridge_log}"
+    # QEMU hands guestfwd's cmd to a shell parser: every path is quoted (a checkout, a socket
+    # or a log may have a space in its path).  -I -S: isolated, no site import: starts fast and
+    # ignores the environment.
+    bridge_cmd = shlex.join([sys.executable, "-I", "-S", BRIDGE, nbd_socket, bridge_log])
     append = " ".join([
         "console=ttyS0", "panic=-1", "quiet", "loglevel=4", "rdinit=/init",
         "i8042.noaux=1", "i8042.nokbd=1",
@@ -114,11 +183,11 @@ def qemu_command(meta: dict, nbd_socket: str, bridge_log: str, seed: str, files,
         "-smp", "2",
         "-nodefaults", "-nographic", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
-        "-kernel", _opt(meta["vmlinux"]),
-        "-initrd", _opt(meta["initramfs"]),
+        "-kernel", qemu_opt(meta["vmlinux"]),
+        "-initrd", qemu_opt(meta["initramfs"]),
         "-append", append,
         "-netdev", "user,id=n0,restrict=on,"
-                   f"guestfwd=tcp:{GUEST_ADDR}:{GUEST_PORT}-cmd:{_opt(bridge_cmd)}",
+                   f"guestfwd=tcp:{GUEST_ADDR}:{GUEST_PORT}-cmd:{qemu_opt(bridge_cmd)}",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
 
@@ -145,35 +214,19 @@ def read_bridge_log(path: str) -> list[dict]:
 def run_guest(meta: dict, nbd_socket: str, workdir: str, *, seed: str | None = None,
               files=DEFAULT_FILES, conns: int = 2, timeout: float = 150.0,
               echo: bool = False) -> GuestRun:
-    """Boot the guest once; always returns (QEMU is killed by PID on timeout or error)."""
+    """Boot the kernel-client guest once against ``nbd_socket``; the console goes to
+    workdir/console.log (and to stderr with ``echo``)."""
     seed = seed or secrets.token_hex(4)
-    console_path = os.path.join(workdir, "console.log")
     bridge_log = os.path.join(workdir, "bridge.log")
     cmd = qemu_command(meta, nbd_socket, bridge_log, seed, files, conns)
-    t0 = time.monotonic()
-    timed_out = False
-    with open(console_path, "wb") as console:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)  # QEMU, by PID
-                proc.wait()
-    seconds = time.monotonic() - t0
-    with open(console_path, "rb") as f:
-        text = f.read().decode("utf-8", "replace").replace("\r\n", "\n")
-    if echo:
-        sys.stderr.write(text)
-    line, ok, details = None, False, ""
-    for m in RESULT_RE.finditer(text):
-        line, ok, details = m.group(0).strip(), m.group(1) == "OK", m.group(2).strip()
-    return GuestRun(ok=ok, result_line=line, details=details, console=text,
-                    returncode=None if timed_out else proc.returncode, timed_out=timed_out,
-                    seconds=seconds, connections=read_bridge_log(bridge_log))
+    with open(os.path.join(workdir, "console.log"), "w") as console:
+        def keep(line: str) -> None:
+            console.write(line + "\n")
+            if echo:
+                print(line, file=sys.stderr, flush=True)
+        run = boot(cmd, timeout=timeout, progress=keep)
+    run.connections = read_bridge_log(bridge_log)
+    return run
 
 
 def main() -> int:
