@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,16 +15,13 @@ from vblk_plugin.config import KEYS, MAX_QUEUES, PluginConfig, check_device
 
 
 @pytest.fixture
-def unix_socket():
-    """A bound unix socket file (short path)."""
-    d = tempfile.mkdtemp(prefix="vbt-cfg-", dir="/tmp")
-    path = os.path.join(d, "s.sock")
+def unix_socket(sockdir):
+    """A bound unix socket file (in conftest's short private directory)."""
+    path = os.path.join(sockdir, "s.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(path)
     yield path
     s.close()
-    os.unlink(path)
-    os.rmdir(d)
 
 
 def cfg_with(**kv) -> PluginConfig:
