@@ -48,7 +48,7 @@ def explain(purpose: str, items: list[str], setup: str = SETUP) -> str:
     """One line: what ``purpose`` needs, and the apt-get command that installs it."""
     packages = sorted({i.rsplit("(package ", 1)[-1].rstrip(")") for i in items})
     return (f"{purpose} needs {', '.join(items)}: apt-get install {' '.join(packages)} "
-            f"(or run {setup}, which installs everything the tests need)")
+            f"(or run {setup})")
 
 
 def require(needs: Mapping[str, str], purpose: str, *, setup: str = SETUP,
