@@ -33,6 +33,9 @@ MiB = 1 << 20
 DISK = 16 * MiB
 MAX_REQUEST = 64 * MiB
 FUA, NO_HOLE, FAST_ZERO = nbd.CMD_FLAG_FUA, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FAST_ZERO
+#: Device requests the plugin makes at start-up: GET_ID, for the export's description (the
+#: fake's request numbers, which io_fault_at counts, include it).
+STARTUP = 1
 
 
 def _without(*bits: int) -> int:
@@ -92,7 +95,14 @@ class Served:
                              name=f"{name}-nbdkit", stats=True,
                              nbdkit_args=["-t", "4", *nbdkit_args])
         self.server.start()
+        assert [r.kind for r in self.fake.served] == ["get_id"], self.fake.served
+        self.first = len(self.fake.served)     # what NBD commands caused starts here
         self.h = self.server.connect(strict=False)
+
+    @property
+    def io(self) -> list[Any]:
+        """The device requests since start-up."""
+        return self.fake.served[self.first:]
 
     def during(self, action: Callable[[], object]) -> list[str]:
         """The device requests ``action`` (NBD commands, completed on return) caused."""
@@ -232,7 +242,7 @@ def test_4k_blocks_refuse_unaligned_requests_and_serve_aligned_ones(served):
             reqs = s.during(command)
             pytest.fail(f"{what} of a partial 4096-byte block succeeded: {reqs}")
         assert ei.value.errnum == errno.EINVAL, f"{what}: {ei.value}"
-    assert s.fake.served == [], [str(r) for r in s.fake.served]
+    assert s.io == [], [str(r) for r in s.io]
     data = random.Random(4).randbytes(3 * 4096)
     assert s.during(lambda: s.write(data, 4096)) == ["write(4096+12288)"]
     assert s.during(lambda: s.h.pread(3 * 4096, 4096)) == ["read(4096+12288)"]
@@ -287,14 +297,14 @@ def test_read_only_device_refuses_writes_before_the_device(served):
         with pytest.raises(nbd.Error) as ei:
             command()
         assert ei.value.errnum in (errno.EPERM, errno.EROFS), f"{what}: {ei.value}"
-    assert [r.kind for r in s.fake.served] == []
+    assert [r.kind for r in s.io] == []
     s.check_data()
 
 
 # --- a hostile device's errors, through nbdkit to the client ----------------------------------
 
 def test_device_io_error_reaches_the_client_as_eio_and_serving_goes_on(served):
-    s = served("ioerr", io_fault="bad_status", bad_status=1, io_fault_at=3)
+    s = served("ioerr", io_fault="bad_status", bad_status=1, io_fault_at=STARTUP + 3)
     for i in range(3):
         s.write(bytes([i + 1]) * 4096, i * 4096)
     with pytest.raises(nbd.Error) as ei:
@@ -308,7 +318,7 @@ def test_device_io_error_reaches_the_client_as_eio_and_serving_goes_on(served):
 
 
 def test_device_unsupported_status_reaches_the_client(served):
-    s = served("unsupp", io_fault="bad_status", bad_status=2, io_fault_at=0)
+    s = served("unsupp", io_fault="bad_status", bad_status=2, io_fault_at=STARTUP)
     with pytest.raises(nbd.Error) as ei:
         s.h.pread(4096, 0)
     # nbdkit sends NBD_ENOTSUP only for a fast zero; any other command gets EINVAL
@@ -320,7 +330,7 @@ def test_device_unsupported_status_reaches_the_client(served):
 def test_device_breaking_the_ring_fails_requests_with_eio(served):
     """A device that moves its used index by 1000 breaks the ring protocol: the session is
     torn down, and with reconnect-timeout=0 the client gets EIO, at once and from then on."""
-    s = served("ring", io_fault="used_idx_jump", io_fault_at=1,
+    s = served("ring", io_fault="used_idx_jump", io_fault_at=STARTUP + 1,
                keys=("reconnect-timeout=0",))
     s.write(b"\x01" * 4096, 0)
     with pytest.raises(nbd.Error) as ei:

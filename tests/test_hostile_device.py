@@ -228,7 +228,8 @@ def assert_failed_fast(dev: BlockDevice, failure: str | None = None) -> None:
     assert dev.state is DeviceState.CLOSED
 
 
-def assert_no_foreign_bytes(buf: bytes, disk: bytes, offset: int) -> None:
+def assert_no_foreign_bytes(buf: bytes | bytearray, disk: bytes | bytearray,
+                            offset: int) -> None:
     """Every 512-byte sector of the caller's buffer is either untouched (PREFILL) or exactly
     the disk's sector at that position: nothing stale, nothing from another request."""
     for pos in range(0, len(buf), 512):

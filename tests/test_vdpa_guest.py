@@ -3,7 +3,8 @@
 host image file -> QEMU virtio-blk-pci (discard=unmap) -> guest /dev/vdX -> qemu-storage-daemon
 (host_device + raw, discard=unmap on both) -> VDUSE export vduse0 -> ``vdpa dev add`` -> vhost_vdpa
 -> /dev/vhost-vdpa-N -> nbdkit + plugin/plugin.py ``vdpa=/dev/vhost-vdpa-N num-queues=2``
--> libnbd (4 connections x 2 threads), nbdcopy in and out, flush/trim/zero, FUA, the stats file.
+-> libnbd (4 connections x 2 threads), nbdcopy in and out, flush/trim/zero, FUA, the stats file;
+before nbdkit, ``vblk info vdpa=/dev/vhost-vdpa-N`` (printed by this test).
 
 The guest (tests/vm/transport_guest.py: a Debian 13 kernel, the host's root over 9p) runs
 tests/vm/transport_checks.py, which checks everything it reads as it goes.  Then, with QEMU gone,
@@ -15,6 +16,7 @@ export of the same qemu-storage-daemon node): bench.md, printed by the test.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -59,7 +61,12 @@ def test_vhost_vdpa_in_guest(tmp_path, capsys):
         disks=[transport_guest.Disk(str(image), slot=4, serial="vblk-image",
                                     num_queues=QUEUES)],
         progress=print)
+    info = sr.results.get("vblk_info")
+    if info:
+        print(f"vblk info vdpa={sr.results.get('vhost_vdpa')} in the guest:\n{info['text']}"
+              f"--json:\n{json.dumps(info['json'], indent=2)}")
     judge_run(tmp_path, image, sr, seed, QUEUES, "bench-vdpa.md", t0)
+    assert info, "the guest ran no vblk info"
 
 
 def judge_run(tmp_path: Path, image: Path, sr, seed: str, queues: int, bench_name: str,

@@ -110,7 +110,8 @@ class VhostUserProxy:
 
     def _run(self) -> None:
         while True:
-            ready = select.select([self._stop_fd, self._listen], [], [])[0]
+            waitables: list[int | socket.socket] = [self._stop_fd, self._listen]
+            ready = select.select(waitables, [], [])[0]
             if self._stop_fd in ready:
                 return
             front, _ = self._listen.accept()
@@ -130,7 +131,8 @@ class VhostUserProxy:
     def _forward(self, front: socket.socket, back: socket.socket) -> bool:
         """Forward messages until a side hangs up (ProxyError / OSError); True if stopped."""
         while True:
-            ready = select.select([self._stop_fd, front, back], [], [])[0]
+            waitables: list[int | socket.socket] = [self._stop_fd, front, back]
+            ready = select.select(waitables, [], [])[0]
             if self._stop_fd in ready:
                 return True
             for src, dst in ((front, back), (back, front)):

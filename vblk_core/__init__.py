@@ -21,7 +21,12 @@ Each module: what it owns | what it may import of vblk_core (only modules above 
     device.py      BlockDevice: checks, set-up, verbs   | all of the above but transports/
 
 This __init__ exports the public API, the three transports' connectors included.
+
+``__version__`` is vblk's one version string: the package's (pyproject.toml reads it), the
+plugin's (nbdkit --dump-plugin) and ``vblk --version``'s.
 """
+__version__ = "0.1.0"
+
 from .device import BlockDevice
 from .device_info import DeviceIdentity, DeviceInfo, probe
 from .errors import (
@@ -43,7 +48,7 @@ from .transports.vfio_pci import VfioPciConnector, VfioPciTransport
 from .transports.vhost_user import VhostUserConnector, VhostUserTransport
 from .transports.vhost_vdpa import VhostVdpaConnector, VhostVdpaTransport
 
-__all__ = ["BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
+__all__ = ["__version__", "BlockDevice", "DeviceState", "DeviceInfo", "DeviceIdentity", "probe",
            "Connector", "Transport", "VhostUserConnector", "VhostUserTransport",
            "VhostVdpaConnector", "VhostVdpaTransport", "VfioPciConnector", "VfioPciTransport",
            "VirtqueueLayout", "VblkError", "ConfigError", "TransportError", "ConnectError",

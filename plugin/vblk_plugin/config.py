@@ -21,6 +21,9 @@ from .qsd import AIO_MODES, FORMATS
 MAX_QUEUES = 64
 #: The keys that name the device; exactly one of them is given.
 DEVICE_KEYS = ("socket", "image", "vdpa", "pci")
+#: The transport behind each device key (image= starts a qemu-storage-daemon: vhost-user).
+TRANSPORTS = {"socket": "vhost-user", "image": "vhost-user", "vdpa": "vhost-vdpa",
+              "pci": "vfio-pci"}
 
 KEYS = {
     "socket": "PATH of a running vhost-user-blk back-end's unix socket",
@@ -198,11 +201,27 @@ class DeviceOffer(Protocol):
     def max_queues(self) -> int: ...
 
 
+def device_key(cfg: PluginConfig) -> str | None:
+    """The device key given (socket, image, vdpa or pci), None if none is."""
+    return next((key for key in DEVICE_KEYS if getattr(cfg, key)), None)
+
+
 def _device_key(cfg: PluginConfig) -> str:
-    for key in DEVICE_KEYS:
-        if getattr(cfg, key):
-            return f"{key}={getattr(cfg, key)}"
-    return "no device"
+    key = device_key(cfg)
+    return f"{key}={getattr(cfg, key)}" if key else "no device"
+
+
+def device_target(cfg: PluginConfig) -> tuple[str, str]:
+    """(transport, target) of the configured device, as descriptions show them:
+    ("vhost-user", "/run/vhost.sock"), ("vfio-pci", "0000:00:04.0"); with image=, the image
+    and who serves it.  Raises ConfigError if no device is given."""
+    key = device_key(cfg)
+    if key is None:
+        raise ConfigError("no device: give socket=, vdpa= or pci=")
+    target = str(getattr(cfg, key))
+    if key == "image":
+        target += " (private qemu-storage-daemon)"
+    return TRANSPORTS[key], target
 
 
 def check_device(cfg: PluginConfig, info: DeviceOffer) -> None:

@@ -405,9 +405,11 @@ class Nbdkit(_ServerProcess):
                  nbdkit_args: Sequence[str] = (), threads: int | None = None,
                  readonly: bool = False, extra_env: Mapping[str, str] | None = None,
                  stats: bool | PathLike = False, socket: PathLike | None = None,
-                 log_path: PathLike | None = None, death_signal: str = "TERM") -> None:
+                 log_path: PathLike | None = None, death_signal: str = "TERM",
+                 cwd: PathLike | None = None) -> None:
         self.workdir = Path(workdir)
         self.name = name
+        self.cwd = cwd   # nbdkit's working directory (default: ours)
         if isinstance(keys, Mapping):
             keys = [f"{k}={v}" for k, v in keys.items()]
         self.keys = list(keys)
@@ -455,7 +457,7 @@ class Nbdkit(_ServerProcess):
             pass
         self.returncode = None
         self.proc = spawn(self.command(), self.log_path, extra_env=self.extra_env,
-                          death_signal=self.death_signal)
+                          cwd=self.cwd, death_signal=self.death_signal)
         return self.proc
 
     def expect_exit(self, timeout: float = 30.0) -> Exit:

@@ -15,7 +15,8 @@ scenario:
 ``script`` for investigations by hand: ``run(plan, procs, share, res)`` from plan["script"]
           (a path the guest sees, e.g. /tmp/share/x.py).
 
-Then the same client checks (``nbd_checks``): libnbd from several connections at once, nbdcopy
+``vblk info`` on the vDPA device first (``vblk_info_check``).  Then the same client checks
+(``nbd_checks``): libnbd from several connections at once, nbdcopy
 in and out, flush/trim/zero, the stats file; vblk_core alone with every used ring wrapping
 twice (``ring_wrap_check``, data checked); and a driver-only measurement (``driver_bench``).
 The host verifies the image byte for byte against ``expected_image(plan)`` after QEMU has
@@ -43,6 +44,7 @@ PLUGIN = os.path.join(REPO, "plugin", "plugin.py")
 MiB = 1 << 20
 KiB = 1 << 10
 RESULT = "VBLK-GUEST-RESULT:"
+VDUSE_SERIAL = "vblk-vduse"   # the VDUSE export's serial (GET_ID), as vblk info must report it
 
 # --------------------------------------------------------------------------- the data model
 # (imported by the host tests too: keep it free of guest-only imports)
@@ -267,7 +269,7 @@ class Qsd:
             "--blockdev", f"driver=host_device,node-name=file0,filename={disk},"
                           "cache.direct=on,aio=native,discard=unmap",
             "--blockdev", "driver=raw,node-name=raw0,file=file0,discard=unmap",
-            "--export", "type=vduse-blk,id=v0,node-name=raw0,name=vduse0,"
+            "--export", f"type=vduse-blk,id=v0,node-name=raw0,name=vduse0,serial={VDUSE_SERIAL},"
                         f"num-queues={queues},queue-size=256,writable=on",
             "--export", "type=vhost-user-blk,id=u0,node-name=raw0,addr.type=unix,"
                         f"addr.path={vhost_socket},writable=on,num-queues={queues}",
@@ -632,6 +634,31 @@ def driver_bench(engines: list[tuple[str, Callable[[], Any]]], seconds: float, r
         f.write("\n".join(lines))
 
 
+def vblk_info_check(device: str, queues: int, queue_size: int, serial: str,
+                    res: dict[str, Any]) -> None:
+    """``vblk info DEVICE`` (``python3 -m vblk_plugin`` from this checkout) while nothing else
+    has the device: printed, kept in res["vblk_info"], its JSON checked against the export."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "plugin"), REPO])}
+    cmd = [sys.executable, "-m", "vblk_plugin", "info", device, "--timeout", "30"]
+    t = time.monotonic()
+    outputs = []
+    for extra in ([], ["--json"]):
+        r = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=180)
+        check(r.returncode == 0 and not r.stderr, f"vblk info {device} failed: {r.stderr}")
+        outputs.append(r.stdout)
+    info = json.loads(outputs[1])
+    res["vblk_info"] = {"text": outputs[0], "json": info}
+    log(f"vblk info {device} (twice in {time.monotonic() - t:.2f}s):\n{outputs[0]}")
+    key, _, value = device.partition("=")
+    got = (info["transport"], info["target"], info["capacity"], info["num_queues"],
+           info["max_queue_size"], info["serial"])
+    want = ({"vdpa": "vhost-vdpa", "pci": "vfio-pci", "socket": "vhost-user"}[key], value,
+            IMAGE_SIZE, queues, queue_size, serial)
+    check(got == want, f"vblk info {device}: {got}, expected {want}")
+    check(outputs[0].startswith(f"device: {info['description']}\n"),
+          f"vblk info {device}: the text does not start with the description")
+
+
 def open_vdpa(path: str, queues: int) -> Callable[[], Any]:
     from vblk_core import BlockDevice, VhostVdpaConnector
     return lambda: BlockDevice.open(VhostVdpaConnector(path), num_queues=queues)
@@ -659,6 +686,7 @@ def scenario_vdpa(plan: dict[str, Any], procs: Procs, share: str, res: dict[str,
     qsd = Qsd(procs, disk, queues, "/tmp/vhost-user.sock")
     res["vhost_vdpa"] = qsd.vhost_vdpa
     try:
+        vblk_info_check(f"vdpa={qsd.vhost_vdpa}", queues, 256, VDUSE_SERIAL, res)
         via = plan.get("nbd_via", "vdpa")
         target = [f"vdpa={qsd.vhost_vdpa}"] if via == "vdpa" else [f"socket={qsd.vhost_socket}"]
         nbdkit_run(procs, target, queues, plan["seed"], share, res)
