@@ -70,7 +70,7 @@ class RunnerEnv:
 
     def slot(self, req_type=RequestType.IN, sector=2, length=4096, segment=None,
              data=None) -> RequestSlot:
-        s = self.runner.take()
+        s = self.runner.pool.take()
         assert s is not None, "no free slot"
         if data is not None:
             s.buf[:len(data)] = data
@@ -127,7 +127,7 @@ def test_read_and_write_through_a_slot(env):
     s = e.run(e.slot(sector=3, length=8192))
     s.check()
     assert bytes(s.buf[:8192]) == bytes(e.disk[3 * 512:3 * 512 + 8192])
-    e.runner.give_back(s)
+    e.runner.pool.give_back(s)
     w = e.run(e.slot(RequestType.OUT, 100, 1024, data=b"\xA5" * 1024))
     w.check()
     assert e.disk[100 * 512:100 * 512 + 1024] == b"\xA5" * 1024
@@ -160,7 +160,7 @@ def test_chain_shapes_and_fixed_heads(env):
         e.emu.serve(c.chain)
     for s in slots:
         assert e.runner.wait(s, time.monotonic() + 5)
-        e.runner.give_back(s)
+        e.runner.pool.give_back(s)
     again = [e.put(e.slot(RequestType.IN, 1, 512)) for _ in range(4)]
     assert all([(d.len, d.writable) for d in e.emu.parse(c).chain.descs]
                == [(16, False), (512, True), (1, True)] for c in e.ring.pop_all())
@@ -179,7 +179,7 @@ def test_data_split_at_size_max(env):
 def test_no_free_slot_and_no_session(env):
     e = env(slots=2)
     a, b = e.slot(RequestType.FLUSH, 0, 0), e.slot(RequestType.FLUSH, 0, 0)
-    assert e.runner.take() is None                           # both slots taken
+    assert e.runner.pool.take() is None                           # both slots taken
     e.put(a)
     e.put(b)
     assert len(e.ring.pop_all()) == 2
@@ -219,7 +219,7 @@ def test_status_never_written_is_an_error(env):
     s = e.run(e.slot(RequestType.FLUSH, 0, 0))
     s.check()
     assert e.ring.read(e.emu.log[-1].status.addr, 1) == b"\x00"
-    e.runner.give_back(s)
+    e.runner.pool.give_back(s)
     silent["on"] = True
     again = e.run(e.slot(RequestType.FLUSH, 0, 0))
     assert again is s                                        # the same slot, reused
@@ -344,7 +344,7 @@ def test_notifications_off_while_the_reaper_spins_on_before_it_sleeps(env, event
     t.join()
     assert not device_would_signal(e.ring, old, event_idx)
     assert e.runner.stats.spin_hits == 1 and e.runner.stats.calls == 0
-    e.runner.give_back(s)
+    e.runner.pool.give_back(s)
     quiet = env(spin_seconds=0.0, event_idx=event_idx)
     quiet.put(quiet.slot())
     assert device_would_signal_after_one(quiet)            # on: the reaper will sleep
@@ -400,3 +400,28 @@ def test_detach_survives_a_call_eventfd_the_device_filled(env):
     assert result == {"ok": True}
     with pytest.raises(RequestError, match="session over"):
         s.check()
+
+
+def test_a_taker_waits_for_a_slot_and_is_woken_when_one_comes_back(env):
+    """With every slot taken, a taker sleeps in pool.wait() until a slot is given back (or a
+    completion frees one), not for its whole timeout."""
+    e = env(slots=1)
+    s = e.slot(RequestType.FLUSH, 0, 0)
+    assert e.runner.pool.take() is None and e.runner.pool.in_use == 1
+    woke = {}
+
+    def taker():
+        t0 = time.monotonic()
+        e.runner.pool.wait(10)
+        woke["after"] = time.monotonic() - t0
+        woke["slot"] = e.runner.pool.take()
+    t = threading.Thread(target=taker)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not e.runner.pool.waiters and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert e.runner.pool.waiters == 1
+    e.runner.pool.give_back(s)
+    t.join(10)
+    assert woke["slot"] is s and woke["after"] < 5
+    assert e.runner.pool.high_water == 1

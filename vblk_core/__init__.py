@@ -12,7 +12,8 @@ Each module: what it owns | what it may import of vblk_core (only modules above 
     transport.py   Transport/Connector: the interface   | layout
     transports/    the transports (see its __init__)    | errors eventfd layout transport virtio
     device_info.py identify/probe: features, config     | layout transport virtio_blk
-    slot.py        RequestSlot: one request, prepared once | errors virtio_blk
+    slot.py        RequestSlot (one request, prepared once), | errors virtio_blk virtqueue
+                   SlotPool (a queue's free slots)
     queues.py      QueueRunner: publish, reap, wake     | errors eventfd slot transport
                                                           virtio_blk virtqueue
     supervisor.py  sessions: loss, reconnect, recovery  | device_info errors slot transport

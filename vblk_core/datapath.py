@@ -166,11 +166,11 @@ class DataPath:
     def _take(self, q: QueueRunner) -> RequestSlot:
         """A free slot of ``q``, waiting for one; a queue that frees none for the request
         timeout while its requests do not complete counts as a lost session."""
-        slot = q.take()
+        slot = q.pool.take()
         since, completed = time.monotonic(), q.stats.requests
         while slot is None:
-            q.wait_for_slot(0.01)
-            slot = q.take()
+            q.pool.wait(0.01)
+            slot = q.pool.take()
             if slot is None and time.monotonic() - since >= self.request_timeout:
                 if q.stats.requests == completed:
                     self._gate.lost(f"queue {q.index} stayed full with no completion for "
@@ -198,7 +198,7 @@ class DataPath:
         if length > self.max_transfer:
             return self._pieces(mv, offset, True)
         q = self._affinity.get(get_ident()) or self._queue()
-        slot = q.take() or self._take(q)
+        slot = q.pool.take() or self._take(q)
         try:
             slot.type, slot.sector, slot.length, slot.segment = (
                 RequestType.IN, offset // SECTOR_SIZE, length, None)
@@ -207,7 +207,7 @@ class DataPath:
             self._wait(q, slot)
             mv[:] = slot.buf[:length]
         finally:
-            q.give_back(slot)
+            q.pool.give_back(slot)
 
     def write(self, mv: memoryview, offset: int) -> None:
         """Write ``mv`` at byte ``offset`` (checked by the caller)."""
@@ -215,7 +215,7 @@ class DataPath:
         if length > self.max_transfer:
             return self._pieces(mv, offset, False)
         q = self._affinity.get(get_ident()) or self._queue()
-        slot = q.take() or self._take(q)
+        slot = q.pool.take() or self._take(q)
         try:
             slot.buf[:length] = mv
             slot.type, slot.sector, slot.length, slot.segment = (
@@ -224,7 +224,7 @@ class DataPath:
                 self._submit(q, slot)
             self._wait(q, slot)
         finally:
-            q.give_back(slot)
+            q.pool.give_back(slot)
 
     def command(self, req_type: RequestType, segment: tuple[int, int, int] | None = None,
                 length: int = 0) -> bytes:
@@ -240,7 +240,7 @@ class DataPath:
             self._wait(q, slot)
             return bytes(slot.buf[:min(max(slot.written - 1, 0), length)])
         finally:
-            q.give_back(slot)
+            q.pool.give_back(slot)
 
     def get_id(self) -> bytes:
         return self.command(RequestType.GET_ID, None, VIRTIO_BLK_ID_BYTES)
@@ -265,7 +265,7 @@ class DataPath:
             except BaseException as e:  # noqa: BLE001 - kept, raised after the rest
                 error = error or e
             finally:
-                q.give_back(slot)
+                q.pool.give_back(slot)
 
         if ranged is None:
             assert mv is not None
@@ -276,10 +276,10 @@ class DataPath:
             if error is not None:
                 break
             length = min(step, total - pos)
-            slot = q.take()
+            slot = q.pool.take()
             while slot is None and pending:
                 finish_oldest()
-                slot = q.take()
+                slot = q.pool.take()
             try:
                 slot = slot or self._take(q)
                 if ranged is None:
@@ -296,7 +296,7 @@ class DataPath:
             except BaseException as e:  # noqa: BLE001 - kept, raised after the rest
                 error = error or e
                 if slot is not None:
-                    q.give_back(slot)
+                    q.pool.give_back(slot)
                 break
             pending.append((slot, pos))
         while pending:
@@ -312,5 +312,5 @@ class DataPath:
     def stats(self) -> dict[str, object]:
         queues = [q.stats.as_dict(q.index) for q in self.queues]
         return {"queues": queues,
-                "bounce_buffers_in_use": sum(q.slots_in_use for q in self.queues),
-                "bounce_buffers_high_water": sum(q.high_water for q in self.queues)}
+                "bounce_buffers_in_use": sum(q.pool.in_use for q in self.queues),
+                "bounce_buffers_high_water": sum(q.pool.high_water for q in self.queues)}

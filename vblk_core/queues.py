@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 from .errors import RingError
 from .eventfd import eventfd_clear_holding_gil, eventfd_write_holding_gil
-from .slot import RequestSlot
+from .slot import RequestSlot, SlotPool
 from .transport import Kicker, Transport
 from .virtio_blk import VIRTIO_BLK_S_OK, RequestType
 from .virtqueue import Virtqueue
@@ -74,15 +74,12 @@ class QueueRunner:
         self._by_head: list[RequestSlot | None] = [None] * vq.size
         for slot in slots:
             self._by_head[slot.head] = slot
-        self._free = list(reversed(slots))   # LIFO: hot buffers stay hot
-        self.high_water = 0
         self.spin_ns = int(spin_seconds * 1e9)
         self._lone = lone
         self._seq = sequence if sequence is not None else itertools.count()  # publish order
         self._lock = threading.Lock()
         self._barrier_lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
+        self.pool = SlotPool(slots, self._lock)
         self._reaper: RequestSlot | None = None
         self._reaper_spins = False           # the role's holder starts by spinning
         self._reaper_left = threading.Condition(self._lock)
@@ -100,10 +97,6 @@ class QueueRunner:
     # --- observation -----------------------------------------------------------------------
 
     @property
-    def slots_in_use(self) -> int:
-        return len(self.slots) - len(self._free)
-
-    @property
     def reaper_busy(self) -> bool:
         """Whether some thread holds the reaper role."""
         return self._reaper is not None
@@ -111,38 +104,6 @@ class QueueRunner:
     @property
     def sleeping_waiters(self) -> int:
         return len(self._sleepers)
-
-    # --- slots -----------------------------------------------------------------------------
-
-    def take(self) -> RequestSlot | None:
-        """A free slot for the calling thread, or None at once if there is none."""
-        try:
-            slot = self._free.pop()  # atomic under the GIL
-        except IndexError:
-            return None
-        used = len(self.slots) - len(self._free)
-        if used > self.high_water:
-            self.high_water = used
-        slot.error = None
-        slot.attempts = 0
-        return slot
-
-    def give_back(self, slot: RequestSlot) -> None:
-        """Return a finished slot (its owner has read the result)."""
-        self._free.append(slot)  # atomic under the GIL
-        if self._space_waiters:
-            with self._space:
-                self._space.notify()
-
-    def wait_for_slot(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds unless a slot is free."""
-        with self._space:
-            if not self._free:
-                self._space_waiters += 1
-                try:
-                    self._space.wait(timeout)
-                finally:
-                    self._space_waiters -= 1
 
     # --- session lifetime ------------------------------------------------------------------
 
@@ -190,7 +151,7 @@ class QueueRunner:
             self.generation = -1
             self._kick = _not_attached
             self._on_lost = _no_loss
-            self._space.notify_all()
+            self.pool.notify_locked()
         return survivors
 
     def close(self) -> None:
@@ -415,8 +376,8 @@ class QueueRunner:
                 self._wake_locked(slot)
         stats.depth -= len(entries)
         stats.requests += len(entries)
-        if self._space_waiters:
-            self._space.notify_all()
+        if self.pool.waiters:   # (a Condition's notify costs a lock attempt)
+            self.pool.notify_locked()
         return broken
 
 

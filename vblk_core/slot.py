@@ -124,3 +124,54 @@ class RequestSlot:
         if self.length:
             return f"{what} of {self.length} bytes at sector {self.sector}"
         return what
+
+
+class SlotPool:
+    """A queue's request slots.  Free ones are handed out LIFO (hot buffers stay hot) without a
+    lock (list operations are atomic under the GIL); a taker that finds none waits on a
+    condition of the queue's ``lock``, which a completion or a returned slot notifies."""
+
+    def __init__(self, slots: list[RequestSlot], lock: threading.Lock) -> None:
+        self.slots = slots
+        self._free = list(reversed(slots))
+        self.high_water = 0
+        self._space = threading.Condition(lock)
+        self.waiters = 0        # takers asleep in wait() (read by the queue: skip notify)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    def take(self) -> RequestSlot | None:
+        """A free slot for the calling thread, or None at once if there is none."""
+        try:
+            slot = self._free.pop()
+        except IndexError:
+            return None
+        used = len(self.slots) - len(self._free)
+        if used > self.high_water:
+            self.high_water = used
+        slot.error = None
+        slot.attempts = 0
+        return slot
+
+    def give_back(self, slot: RequestSlot) -> None:
+        """Return a finished slot (its owner has read the result)."""
+        self._free.append(slot)
+        if self.waiters:
+            with self._space:
+                self._space.notify()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds unless a slot is free."""
+        with self._space:
+            if not self._free:
+                self.waiters += 1
+                try:
+                    self._space.wait(timeout)
+                finally:
+                    self.waiters -= 1
+
+    def notify_locked(self) -> None:
+        """Wake the takers waiting for a slot (the caller holds the queue's lock)."""
+        self._space.notify_all()
