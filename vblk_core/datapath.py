@@ -190,7 +190,8 @@ class DataPath:
         timeout = self.request_timeout
         while not q.wait(slot, time.monotonic() + timeout):
             self._gate.lost(f"a request did not complete within {timeout:g}s", slot.generation)
-        slot.check()
+        if not slot.ok:
+            slot.check()
 
     def read(self, mv: memoryview, offset: int) -> None:
         """Read ``len(mv)`` bytes at byte ``offset`` into ``mv`` (checked by the caller)."""

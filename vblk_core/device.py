@@ -67,7 +67,6 @@ class BlockDevice:
         self.features = 0
         self.capacity = 0
         self.block_size = SECTOR_SIZE
-        self._block_mask = SECTOR_SIZE - 1
         self.read_only = True
         self.device_queues = 0
         self.num_queues = 0
@@ -118,7 +117,6 @@ class BlockDevice:
         self.features = info.features
         self.capacity = config.capacity
         self.block_size = config.block_size
-        self._block_mask = config.block_size - 1   # block sizes are powers of two
         self.read_only = info.read_only
         self.device_queues = info.max_queues
         self.num_queues = num_queues
@@ -216,13 +214,9 @@ class BlockDevice:
         Offset and length must be multiples of block_size (EINVAL), within capacity (EIO).
         """
         mv = memoryview(buf).cast("B")
-        path, n = self._path, len(mv)
-        if path is None or offset < 0 or (offset | n) & self._block_mask or n == 0 \
-                or offset + n > self.capacity:
-            path = self._checked(offset, n, "read", False)   # raises, or n is 0
-            if not n:
-                return
-        path.read(mv, offset)
+        path = self._checked(offset, len(mv), "read", False)
+        if len(mv):
+            path.read(mv, offset)
 
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         """Write ``buf`` at ``offset``; with ``fua`` it is on stable storage on return.
@@ -230,11 +224,8 @@ class BlockDevice:
         EROFS on a read-only device; alignment and range as for pread.
         """
         mv = memoryview(buf).cast("B")
-        path, n = self._path, len(mv)
-        if path is None or offset < 0 or (offset | n) & self._block_mask or n == 0 \
-                or offset + n > self.capacity or self.read_only:
-            path = self._checked(offset, n, "write", True)   # raises, or n is 0
-        if n:
+        path = self._checked(offset, len(mv), "write", True)
+        if len(mv):
             path.write(mv, offset)
         if fua:
             self.flush()

@@ -184,8 +184,7 @@ class QueueRunner:
             if self._reaper is None:
                 self._take_role_locked(slot)
             else:
-                slot.sleeping = slot.owes_wakeup = True
-                self._sleepers[slot] = None
+                self._sleep_locked(slot)
             kick = self._kick
         # Releasing the lock was a full barrier: the device's event index is read after it.
         if vq.needs_kick(old, vq.avail_idx):
@@ -193,14 +192,19 @@ class QueueRunner:
             kick()
         return True
 
-    def _take_role_locked(self, slot: RequestSlot) -> None:
+    def _take_role_locked(self, slot: RequestSlot) -> bool:
+        """Make ``slot``'s owner the reaper (or keep it so, after each harvest) and choose how
+        it looks next: spinning (a lone request; notifications off) or sleeping
+        (notifications on; the lock's release is the barrier before its re-check).
+        Returns whether it spins."""
         self._reaper = slot
         slot.reaper = True
         spins = self._reaper_spins = bool(self.spin_ns) and self._lone()
         if spins:
             self.vq.disable_notifications()
         else:
-            self.vq.enable_notifications()  # the lock's release is the barrier
+            self.vq.enable_notifications()
+        return spins
 
     def resubmit(self, slots: list[RequestSlot]) -> list[RequestSlot]:
         """Publish the survivors of a lost session again, in order; returns those that could
@@ -218,8 +222,7 @@ class QueueRunner:
                 slot.generation = self.generation
                 stats.depth += 1
                 if not slot.sleeping and not slot.reaper:
-                    slot.sleeping = slot.owes_wakeup = True
-                    self._sleepers[slot] = None
+                    self._sleep_locked(slot)
             stats.max_depth = max(stats.max_depth, stats.depth)
             self._hand_over_locked(oldest_first=True)
             kick = self._kick
@@ -232,6 +235,7 @@ class QueueRunner:
         """Finish ``slot`` with ``error`` (its session is gone) and wake its owner."""
         with self._lock:
             slot.error = error
+            slot.ok = False
             slot.finished = True
             if slot.sleeping:
                 self._wake_locked(slot)
@@ -265,9 +269,13 @@ class QueueRunner:
         if self._reaper is None and self._live and slot.generation == self.generation:
             self._take_role_locked(slot)
         else:
-            slot.sleeping = True
-            slot.owes_wakeup = True
-            self._sleepers[slot] = None
+            self._sleep_locked(slot)
+
+    def _sleep_locked(self, slot: RequestSlot) -> None:
+        """Register ``slot``'s owner as a sleeper: it acquires ``wakeup`` once, which the
+        thread that finishes the request or hands it the reaper role releases."""
+        slot.sleeping = slot.owes_wakeup = True
+        self._sleepers[slot] = None
 
     def _reap(self, slot: RequestSlot, deadline: float) -> None:
         vq, generation = self.vq, slot.generation
@@ -295,11 +303,7 @@ class QueueRunner:
                     self._leave_locked(slot)
                     on_lost = self._on_lost
                     break
-                spins = self._reaper_spins = bool(self.spin_ns) and self._lone()
-                if spins:
-                    vq.disable_notifications()
-                else:
-                    vq.enable_notifications()
+                spins = self._take_role_locked(slot)
         if broken:
             log.error("vblk: device broke the ring protocol: %s", broken)
             on_lost(f"device broke the virtqueue protocol ({broken})", generation)
@@ -325,8 +329,7 @@ class QueueRunner:
             if self._detaching:   # (a Condition's notify costs a lock attempt)
                 self._reaper_left.notify_all()
         if not slot.finished:   # a sleeper until resubmitted, failed or handed the role
-            slot.sleeping = slot.owes_wakeup = True
-            self._sleepers[slot] = None
+            self._sleep_locked(slot)
 
     def _hand_over_locked(self, oldest_first: bool = False) -> None:
         """Give the reaper role to a sleeper, if nobody holds it: the first registered (the
@@ -365,12 +368,13 @@ class QueueRunner:
             assert slot is not None  # harvest accepts only heads we published
             slot.status = status = mem[slot.status_off]
             slot.written = written
-            if status == VIRTIO_BLK_S_OK and (slot.type != RequestType.IN
-                                              or written == slot.length + 1):
-                if slot.type != RequestType.GET_ID:
-                    stats.bytes += slot.length
-            else:
-                stats.errors += 1      # slot.check() says which
+            # The one judgement of a completion (slot.check() explains a failed one).
+            slot.ok = ok = status == VIRTIO_BLK_S_OK and (slot.type != RequestType.IN
+                                                          or written == slot.length + 1)
+            if not ok:
+                stats.errors += 1
+            elif slot.type != RequestType.GET_ID:
+                stats.bytes += slot.length
             slot.finished = True
             if slot.sleeping:
                 self._wake_locked(slot)

@@ -36,7 +36,7 @@ class RequestSlot:
     __slots__ = ("queue", "index", "head", "hdr_off", "seg_off", "status_off", "hdr_addr",
                  "seg_addr", "status_addr", "buf", "buf_off", "buf_addr", "buf_size",
                  "wakeup", "type", "sector", "length", "segment", "finished", "status",
-                 "written", "error", "seq", "attempts", "generation", "sleeping", "reaper",
+                 "written", "ok", "error", "seq", "attempts", "generation", "sleeping", "reaper",
                  "owes_wakeup", "custom_chain")
 
     def __init__(self, queue: int, index: int, head: int, slot_off: int, header_offset: int,
@@ -60,6 +60,7 @@ class RequestSlot:
         self.finished = False
         self.status = STATUS_UNSET
         self.written = 0
+        self.ok = False                  # completed: status OK, a read wholly written
         self.error: Exception | None = None
         self.seq = 0
         self.attempts = 0
@@ -109,15 +110,17 @@ class RequestSlot:
         return vq.write_chain(self.head, chain)
 
     def check(self) -> None:
-        """Raise the request's error, judging the status byte and the written length
-        (RequestError with the errno the client should see)."""
+        """Raise the request's error unless it is ``ok`` (judged where it completed): the
+        failure, the status byte's error or a short read (RequestError with the errno the
+        client should see)."""
         if self.error is not None:
             raise self.error
+        if self.ok:
+            return
         if self.status != VIRTIO_BLK_S_OK:
             raise status_error(self.status, self.describe())
-        if self.type == RequestType.IN and self.written != self.length + 1:
-            raise RequestError(f"{self.describe()}: short read, the device reported "
-                               f"{max(self.written - 1, 0)} of {self.length} bytes", errno.EIO)
+        raise RequestError(f"{self.describe()}: short read, the device reported "
+                           f"{max(self.written - 1, 0)} of {self.length} bytes", errno.EIO)
 
     def describe(self) -> str:
         what = REQUEST_NAMES.get(self.type, f"request type {self.type}")
