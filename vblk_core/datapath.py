@@ -23,10 +23,7 @@ from .queues import QueueRunner
 from .slot import RequestSlot
 from .transport import MemoryMap, Transport
 from .virtio_blk import (
-    HEADER_OFFSET,
     SECTOR_SIZE,
-    SEGMENT_OFFSET,
-    STATUS_OFFSET,
     VIRTIO_BLK_ID_BYTES,
     RequestType,
     VirtioBlkReqSlot,
@@ -83,8 +80,7 @@ class DataPath:
             for i in range(per_queue):
                 head = i * chain_len
                 buf_off = rings_bytes + (q * per_queue + i) * buf_size
-                slots.append(RequestSlot(q, i, head, vq.slot_offset(head), HEADER_OFFSET,
-                                         SEGMENT_OFFSET, STATUS_OFFSET,
+                slots.append(RequestSlot(q, head, vq.slot_offset(head),
                                          view[buf_off:buf_off + transfer], buf_off))
             self.queues.append(QueueRunner(q, vq, slots, size_max, self._lone, spin_seconds,
                                            self._seq))

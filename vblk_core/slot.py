@@ -16,7 +16,17 @@ import errno
 import threading
 
 from .errors import RequestError
-from .virtio_blk import HEADER, REQUEST_NAMES, SEGMENT, VIRTIO_BLK_S_OK, RequestType, status_error
+from .virtio_blk import (
+    HEADER,
+    HEADER_OFFSET,
+    REQUEST_NAMES,
+    SEGMENT,
+    SEGMENT_OFFSET,
+    STATUS_OFFSET,
+    VIRTIO_BLK_S_OK,
+    RequestType,
+    status_error,
+)
 from .virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Virtqueue
 
 _DATA_IN = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
@@ -33,20 +43,19 @@ class RequestSlot:
     and ``reaper`` are changed under the queue's lock.
     """
 
-    __slots__ = ("queue", "index", "head", "hdr_off", "seg_off", "status_off", "hdr_addr",
+    __slots__ = ("queue", "head", "hdr_off", "seg_off", "status_off", "hdr_addr",
                  "seg_addr", "status_addr", "buf", "buf_off", "buf_addr", "buf_size",
                  "wakeup", "type", "sector", "length", "segment", "finished", "status",
                  "written", "ok", "error", "seq", "attempts", "generation", "sleeping", "reaper",
                  "owes_wakeup", "custom_chain")
 
-    def __init__(self, queue: int, index: int, head: int, slot_off: int, header_offset: int,
-                 segment_offset: int, status_offset: int, buf: memoryview, buf_off: int) -> None:
+    def __init__(self, queue: int, head: int, slot_off: int, buf: memoryview,
+                 buf_off: int) -> None:
         self.queue = queue
-        self.index = index
         self.head = head
-        self.hdr_off = slot_off + header_offset
-        self.seg_off = slot_off + segment_offset
-        self.status_off = slot_off + status_offset
+        self.hdr_off = slot_off + HEADER_OFFSET        # the queue's per-request area at head
+        self.seg_off = slot_off + SEGMENT_OFFSET
+        self.status_off = slot_off + STATUS_OFFSET
         self.buf = buf                   # the bounce buffer, a view made once
         self.buf_off = buf_off
         self.buf_size = len(buf)
